@@ -1,0 +1,2 @@
+"""Triton kernels of moco_fast (placeholder)."""
+AVAILABLE = False

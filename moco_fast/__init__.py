@@ -1,0 +1,34 @@
+"""moco_fast: fused, memory-light kernels for MoCo-style contrastive learning.
+
+The public API, nothing else:
+
+* :func:`info_nce` — single-pass InfoNCE over a key queue, never materializing the logits.
+* :func:`momentum_update` and :class:`MomentumEncoder` — the EMA key encoder, one fused update.
+* :class:`KeyQueue` — the ring buffer of keys (device-side pointer, wrap-around, NaN-safe).
+* :class:`MoCoHead` — normalize, InfoNCE against [k; queue], enqueue: a drop-in for the official code.
+* :func:`concat_all_gather`, :func:`batch_shuffle_ddp`, :func:`batch_unshuffle_ddp` — DDP helpers.
+"""
+
+from .backends import available_backends
+from .distributed import batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather
+from .head import MoCoHead
+from .momentum import MomentumEncoder, cosine_momentum
+from .ops import InfoNCEStats, info_nce, momentum_update
+from .queue import KeyQueue, NonFiniteKeysError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InfoNCEStats",
+    "KeyQueue",
+    "MoCoHead",
+    "MomentumEncoder",
+    "NonFiniteKeysError",
+    "available_backends",
+    "batch_shuffle_ddp",
+    "batch_unshuffle_ddp",
+    "concat_all_gather",
+    "cosine_momentum",
+    "info_nce",
+    "momentum_update",
+]

@@ -1,0 +1,27 @@
+"""Test configuration shared by every test file.
+
+Triton decides at import time whether @triton.jit kernels run compiled or in the interpreter, so
+TRITON_INTERPRET=1 must be set before anything imports triton: on a machine without a CUDA GPU
+the "triton" backend is then tested on CPU tensors (slowly, with exact fp32 dots).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_precision():
+    """Random data every run, but reproducible within a test; IEEE fp32 dots unless a test asks."""
+    torch.manual_seed(torch.randint(0, 2**31 - 1, ()).item() if os.environ.get("MOCO_FAST_RANDOM_SEED") else 1234)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
