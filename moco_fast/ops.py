@@ -93,7 +93,8 @@ def _forward_impl(q: Tensor, k: Tensor, negatives: Tensor, scale: float, impl: s
     module = backends.implementation(impl)
     lse, out, rank = module.infonce_forward(q, k, negatives, scale)
     compute = lse.dtype
-    loss = lse - (q.to(compute) * k.to(compute)).sum(dim=1) * scale
+    # Same rounding as the torch backend's positive logit, so K = 0 gives exactly 0 there.
+    loss = lse - (q.to(compute) * scale * k.to(compute)).sum(dim=1)
     return loss, lse, out, rank
 
 
