@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Momentum (EMA) update of a key encoder: θk ← m·θk + (1 − m)·θq over real parameter sets.
+
+Parameter sets: torchvision resnet18, resnet50 and vit_b_16 (built with weights=None; only their
+parameters are used). Rows, each checked against the official loop on one step before timing:
+
+* ``official loop``: moco_fast.reference.reference_momentum_update, the MoCo code's per-parameter
+  ``param_k.data = param_k.data * m + param_q.data * (1 - m)`` (new tensors every step).
+* ``lightly``: lightly.models.utils.update_momentum (torch._foreach_mul_ + _foreach_add_).
+* ``_foreach_lerp_``: torch._foreach_lerp_(targets, sources, 1 - m).
+* ``moco_fast.momentum_update[<backend>]``: on the two modules' parameter lists.
+* ``MomentumEncoder.update[<backend>]``: the flat-buffer encoder (parameters are views of one buffer).
+
+Metrics: median time per update (perf_counter on the CPU, CUDA events on a GPU), achieved GB/s
+(3 tensors' bytes per parameter: read target and source, write target — 12 bytes in fp32), speedup
+vs the official loop, and the max |difference| from the official loop after one step.
+
+    python benchmarks/bench_momentum.py [--device cuda] [--models resnet18 resnet50 vit_b_16] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+MODELS = ("resnet18", "resnet50", "vit_b_16")
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    return model.to(device=device, dtype=dtype)
+
+
+def perturbed_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The key encoder: a copy whose parameters differ from the online model's (so the update does work)."""
+    target = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(torch.randn_like(p), alpha=0.01)
+            p.requires_grad_(False)
+    return target
+
+
+def rows_for(device: torch.device, wanted: list[str] | None) -> list[tuple[str, str, str | None]]:
+    """(row name, kind, backend) in table order."""
+    import moco_fast
+
+    rows = [("official loop", "official", None), ("lightly", "lightly", None), ("_foreach_lerp_", "lerp", None)]
+    backends = [b for b in moco_fast.available_backends() if b != "reference"]
+    if device.type != "cuda":
+        backends = [b for b in backends if b == "torch"]  # triton: CPU interpreter far too slow; cuda: GPU only
+    for b in backends:
+        rows.append((f"moco_fast.momentum_update[{b}]", "list", b))
+    for b in backends:
+        rows.append((f"MomentumEncoder.update[{b}]", "flat", b))
+    if wanted and wanted != ["all"]:
+        rows = [r for r in rows if r[0] in wanted or r[1] in wanted or (r[2] is not None and r[2] in wanted)]
+    return rows
+
+
+def make_updater(kind: str, backend: str | None, online: torch.nn.Module, target0: torch.nn.Module, momentum: float):
+    """(update() -> None, read() -> list of target tensors) for one row on its own copy of the target."""
+    import moco_fast
+    from moco_fast.reference import reference_momentum_update
+
+    if kind == "flat":
+        enc = moco_fast.MomentumEncoder(online, momentum=momentum, backend=backend)
+        with torch.no_grad():  # start from the same target as every other row
+            for p, p0 in zip(enc.module.parameters(), target0.parameters()):
+                p.copy_(p0)
+        return enc.update, lambda: [p.data for p in enc.module.parameters()]
+    target = copy.deepcopy(target0)
+    if kind == "official":
+        return (lambda: reference_momentum_update(target, online, momentum)), lambda: [p.data for p in target.parameters()]
+    if kind == "lightly":
+        from lightly.models.utils import update_momentum
+
+        return (lambda: update_momentum(online, target, momentum)), lambda: [p.data for p in target.parameters()]
+    targets = [p.data for p in target.parameters()]
+    sources = [p.data for p in online.parameters()]
+    if kind == "lerp":
+
+        def lerp():
+            with torch.no_grad():
+                torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+
+        return lerp, lambda: targets
+    if kind == "list":
+        return (lambda: moco_fast.momentum_update(target, online, momentum, backend=backend)), lambda: [
+            p.data for p in target.parameters()
+        ]
+    raise ValueError(kind)
+
+
+def run_model(name: str, args, device, dtype, timing) -> list[dict]:
+    online = build_model(name, device, dtype)
+    target0 = perturbed_copy(online)
+    numel = sum(p.numel() for p in online.parameters())
+    count = sum(1 for _ in online.parameters())
+    bytes_per_step = 3 * numel * torch.empty((), dtype=dtype).element_size()
+    expected = None
+    results = []
+    for row, kind, backend in rows_for(device, args.backends):
+        result = {"model": name, "row": row, "params": numel, "tensors": count, "dtype": common.dtype_name(dtype)}
+        results.append(result)
+        try:
+            if kind == "lightly":
+                import lightly.models.utils  # noqa: F401
+            update, read = make_updater(kind, backend, online, target0, args.momentum)
+            update()  # one step from target0: the check
+            common.synchronize(device)
+            got = [t.float().clone() for t in read()]
+            if expected is None:
+                expected = got  # the official loop runs first
+            err = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+            tol = 0.0 if kind == "official" else (1e-6 if dtype == torch.float32 else 1e-2)
+            result.update(max_abs_err=err, status="ok" if err <= tol else f"FAIL (tol {tol:g})")
+            t = common.time_fn(update, device, **timing)
+            result.update(time_s=t["median_s"], min_s=t["min_s"], repeats=t["repeats"], gbps=bytes_per_step / t["median_s"] / 1e9)
+            del update, read
+        except ImportError as exc:
+            result.update(status=f"skipped: {exc.name or exc} not installed")
+        except Exception as exc:  # noqa: BLE001
+            result.update(status=f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    base = next((r for r in results if r["row"] == "official loop" and "time_s" in r), None)
+    for r in results:
+        if base and "time_s" in r:
+            r["speedup_vs_official"] = base["time_s"] / r["time_s"]
+    return results
+
+
+def table(results: list[dict]) -> str:
+    rows = [
+        {
+            "model": f"{r['model']} ({r['params'] / 1e6:.1f}M, {r['tensors']} tensors)",
+            "row": r["row"],
+            "t": common.fmt_time(r.get("time_s")),
+            "n": r.get("repeats", "-"),
+            "gb": "-" if "gbps" not in r else f"{r['gbps']:.1f}",
+            "sp": common.fmt_ratio(r.get("speedup_vs_official")),
+            "err": common.fmt_err(r.get("max_abs_err")),
+            "status": r.get("status", ""),
+        }
+        for r in results
+    ]
+    cols = [("model", "model"), ("row", "row"), ("time/update", "t"), ("n", "n"), ("GB/s", "gb"),
+            ("speedup vs official", "sp"), ("max |err| vs official", "err"), ("check", "status")]
+    return common.format_table(rows, cols)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", help="parameter dtype: fp32 (default), bf16, fp16")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--momentum", type=float, default=0.999)
+    p.add_argument("--backends", nargs="+", default=None, help="rows: official lightly lerp list flat torch triton cuda")
+    p.add_argument("--repeats", type=int, default=None, help="max timed repeats (CPU 20, GPU 100)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (CPU 2, GPU 10)")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row (CPU 1, GPU 0.5)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default torch's)")
+    p.add_argument("--json", metavar="PATH")
+    # Accepted for a uniform CLI across the benchmarks (gpu_check.sh); they do not apply here.
+    for flag in ("-B", "--batch", "-K", "--keys", "-d", "--dim"):
+        p.add_argument(flag, nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    device = common.pick_device(args.device)
+    dtype = common.parse_dtype(args.dtype)
+    gpu = device.type == "cuda"
+    timing = {
+        "warmup": args.warmup if args.warmup is not None else (10 if gpu else 2),
+        "repeats": args.repeats or (100 if gpu else (5 if args.quick else 20)),
+        "min_repeats": 3 if args.quick else 5,
+        "budget_s": args.budget or (0.25 if args.quick else (0.5 if gpu else 1.0)),
+    }
+    machine = common.machine_info(device)
+    print(f"# bench_momentum on {machine.get('gpu', machine['cpu'])} ({device}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load {machine['loadavg']}; m={args.momentum}, {args.dtype}")
+    results = []
+    for name in args.models:
+        results += run_model(name, args, device, dtype, timing)
+    print(table(results))
+    machine["loadavg_end"] = list(os.getloadavg())
+    if args.json:
+        common.write_json(args.json, {"benchmark": "momentum", "machine": machine, "timing": timing,
+                                      "argv": sys.argv[1:] if argv is None else list(argv), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
