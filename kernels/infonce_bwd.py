@@ -1,0 +1,83 @@
+"""InfoNCE backward.
+
+infonce_bwd_qk_kernel -- the usual case (the negatives are a stop-gradient queue). Because the
+forward saved lse and out = sum_j softmax_ij x_j, the gradients are O(B*d) elementwise:
+    dq_i = g_i * scale * (out_i - k_i)                    (B, d) in q.dtype
+    dk_i = g_i * scale * (p0_i - 1) * q_i,  p0_i = exp(scale*q_i.k_i - lse_i)   (B, d) in k.dtype
+    grad (B,) fp32, q/k (B, d) fp32|bf16|fp16, lse (B,) fp32, out (B, d) fp32.
+One program per BLOCK_M rows; one launch for both outputs.
+
+infonce_bwd_negatives_kernel -- only when the negatives require grad:
+    dn_j = scale * sum_i g_i * softmax_ij * q_i             (K, d) in n.dtype
+Column-parallel and deterministic (no atomics): each program owns BLOCK_N negatives, recomputes
+their logits against every BLOCK_M-row tile of q (transposed, s^T = n @ q^T, so that
+dn += p^T-tile @ (g*scale*q) needs no register transpose) and accumulates in fp32 in a fixed order.
+Dot dtype rules are the forward's (see infonce_fwd.py).
+"""
+
+import triton
+import triton.language as tl
+
+from .infonce_fwd import _dot
+
+
+@triton.jit
+def infonce_bwd_qk_kernel(
+    g_ptr, q_ptr, k_ptr, lse_ptr, out_ptr, dq_ptr, dk_ptr,
+    B, d, scale,
+    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D_PAD)
+    row_ok = rows < B
+    mask = row_ok[:, None] & (cols < d)[None, :]
+    off = rows.to(tl.int64)[:, None] * d + cols[None, :]
+
+    gs = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * scale
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    q = tl.load(q_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    kp = tl.load(k_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(out_ptr + off, mask=mask, other=0.0)
+    p0 = tl.exp(tl.sum(q * kp, axis=1) * scale - lse)
+    dq = gs[:, None] * (out - kp)
+    dk = (gs * (p0 - 1.0))[:, None] * q
+    tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=mask)
+    tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def infonce_bwd_negatives_kernel(
+    g_ptr, q_ptr, n_ptr, lse_ptr, dn_ptr,
+    B, K, d,
+    scale, qk_scale,  # scale and scale*log2(e)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    keys = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, D_PAD)
+    col_ok = cols < d
+    n_mask = (keys < K)[:, None] & col_ok[None, :]
+    n_off = keys.to(tl.int64)[:, None] * d + cols[None, :]
+    nt = tl.load(n_ptr + n_off, mask=n_mask, other=0.0)
+
+    acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    r = tl.arange(0, BLOCK_M)
+    q_ptrs = q_ptr + r[:, None] * d + cols[None, :]
+    for i in range(0, B, BLOCK_M):
+        row_ok = (i + r) < B
+        if EVEN_D:
+            qt = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            qt = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        # Padded rows: q = 0 and g = 0 zero their contribution whatever their lse.
+        gs = tl.load(g_ptr + i + r, mask=row_ok, other=0.0) * scale
+        lse2 = tl.load(lse_ptr + i + r, mask=row_ok, other=0.0) * 1.4426950408889634
+        st = _dot(nt, tl.trans(qt), DOT_DTYPE, PRECISION, EMULATE)  # (BLOCK_N, BLOCK_M) fp32
+        pt = tl.exp2(st * qk_scale - lse2[None, :])  # softmax_ij^T, in [0, 1]: safe to round to half
+        # g_i*scale goes on the q side: p stays a probability even for fp16 dots.
+        acc += _dot(pt, qt.to(tl.float32) * gs[:, None], DOT_DTYPE, PRECISION, EMULATE)
+        q_ptrs += BLOCK_M * d
+    tl.store(dn_ptr + n_off, acc.to(dn_ptr.dtype.element_ty), mask=n_mask)
