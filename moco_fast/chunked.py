@@ -64,7 +64,7 @@ def infonce_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: 
     ct = _compute_dtype(q, k, lse)
     qf, kf = q.to(ct), k.to(ct)
     g = grad.to(ct) * scale
-    p0 = torch.exp((qf * kf).sum(dim=1) * scale - lse)
+    p0 = torch.exp((qf * scale * kf).sum(dim=1) - lse)  # rounded like the forward's positive logit
     dq = g[:, None] * (out - kf)
     dk = (g * (p0 - 1.0))[:, None] * qf
     return dq.to(q.dtype), dk.to(k.dtype)
@@ -92,7 +92,7 @@ def momentum_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], m
     """target ← target·m + source·(1 − m) for each pair, the official formula and rounding, in fused foreach ops."""
     if not targets:
         return
-    if targets[0].dtype == torch.float32:
+    if targets[0].dtype in (torch.float32, torch.float64):
         # Same two roundings as the official `p_k * m + p_q * (1 - m)`; _foreach ops fuse the list.
         torch._foreach_mul_(targets, momentum)
         torch._foreach_add_(targets, torch._foreach_mul(sources, 1.0 - momentum))

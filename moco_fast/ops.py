@@ -224,7 +224,9 @@ def info_nce(
         raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}; got {reduction!r}")
     impl = _kernel_impl(backend, q, k, negatives)
     if impl == "reference":
-        loss, lse, rank = reference_info_nce(q, k, negatives, temperature, reduction="none")
+        # Like the official code's `queue.clone().detach()`: the queue may change before backward.
+        frozen = negatives if negatives.requires_grad else negatives.detach().clone()
+        loss, lse, rank = reference_info_nce(q, k, frozen, temperature, reduction="none")
     else:
         loss, lse, _, rank = info_nce_forward(q, k, negatives, 1.0 / temperature, impl)
     loss = _reduce(loss, reduction)

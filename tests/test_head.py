@@ -35,13 +35,7 @@ def _one_thread():
 # MoCoHead(backend="reference") enqueues into the very tensor the reference einsum saved for the
 # backward, so loss.backward() after a training-mode call raises "modified by an inplace operation".
 # The official code contrasts against self.queue.clone().detach(); the reference path must too.
-_REFERENCE_HEAD_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="reference backend saves the live queue for backward; the enqueue then bumps its version "
-    "(fix: ops.info_nce passes negatives.detach().clone() to reference_info_nce when they need no grad)",
-)
-HEAD_BACKENDS = [pytest.param(b, marks=_REFERENCE_HEAD_BUG) if b == "reference" else b for b in CPU_BACKENDS]
+HEAD_BACKENDS = CPU_BACKENDS
 
 
 class Official:

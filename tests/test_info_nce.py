@@ -346,16 +346,10 @@ def test_no_negatives_gives_zero_loss_and_finite_grads(backend, dtype, normalize
             assert red.shape == () and red.item() == 0.0
 
 
-_DK_K0_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="chunked.infonce_backward rounds the positive logit as (q·k)·scale but the forward as "
-    "(q·scale)·k, so p0 = exp(pos − lse) != 1 and dk = O(eps·|logit|)/T (up to ~1 here); "
-    "fix: p0 = exp((qf * scale * kf).sum(1) - lse) in the backward",
-)
 
 
 @pytest.mark.parametrize(
-    "backend", [pytest.param(b, marks=_DK_K0_BUG) if b == "torch" else b for b in CPU_BACKENDS]
+    "backend", CPU_BACKENDS
 )
 def test_no_negatives_gives_exactly_zero_key_gradient(backend):
     """With K = 0, p0 = 1 exactly, so dk = (p0 − 1)·q/T must be exactly 0 (the reference gives 0)."""

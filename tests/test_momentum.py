@@ -53,11 +53,6 @@ def sgd_like_step(model: nn.Module, scale: float = 0.05) -> None:
 
 # chunked.momentum_update_ sends every non-fp32 dtype down its half-precision branch, so float64
 # parameters are updated in fp32 and rounded (relative error ~2e-7 instead of ~1e-16).
-_FP64_UPDATE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="float64 momentum update computed in fp32 (fix: chunked.momentum_update_ uses the official "
-    "formula for torch.float64 too: `if targets[0].dtype in (torch.float32, torch.float64)`)",
-)
 
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +176,6 @@ def test_bf16_module_update():
         assert ((p.double() - e).abs() <= bf16_ulp(e)).all()
 
 
-@_FP64_UPDATE_BUG
 def test_float64_update_equals_official():
     online = SmallCNN().double()
     ours, official = copy.deepcopy(online), copy.deepcopy(online)
@@ -397,7 +391,6 @@ def test_flat_buffer_survives_dtype_conversion(convert):
     _assert_flat(enc.module)
 
 
-@_FP64_UPDATE_BUG
 def test_update_after_conversion_to_float64_equals_official():
     online = SmallCNN()
     enc = MomentumEncoder(online, momentum=0.9).double()
