@@ -131,6 +131,15 @@ def _cuda_extension():
             # No GPU to detect the arch from: build for Ampere and Hopper (PTX for later chips).
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
             _log("no GPU visible: TORCH_CUDA_ARCH_LIST=8.0;9.0+PTX")
+        else:
+            # The kernels use bf16/TF32 tensor cores and cp.async: sm_80 (Ampere) or newer only.
+            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+            archs = sorted(f"{major}.{minor}" for major, minor in caps if major >= 8)
+            if not archs:
+                return unavailable(f"the visible GPUs {sorted(caps)} predate sm_80, which the kernels need")
+            if len(archs) < len(caps):
+                os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+                _log(f"building for the sm_80+ GPUs only: TORCH_CUDA_ARCH_LIST={';'.join(archs)}")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     _log(f"building moco_fast._C with CUDA_HOME={cuda_home}, arch {os.environ.get('TORCH_CUDA_ARCH_LIST', 'native')}")
@@ -138,9 +147,11 @@ def _cuda_extension():
         name="moco_fast._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
+        # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 up to torch 2.9,
+        # C++20 from torch 2.10 on) when none is given.
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas=-v"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"],
         },
     )
 
