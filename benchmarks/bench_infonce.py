@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -55,10 +56,9 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-import common  # noqa: E402
 
 SWEEP_B = (256, 1024, 4096)
 SWEEP_K = (4096, 16384, 65536, 262144)
@@ -215,7 +215,9 @@ class Lightly(Row):
     def setup(self, case, q, k, n):
         from lightly.loss import NTXentLoss
 
-        loss_fn = NTXentLoss(temperature=case.temperature, memory_bank_size=(case.keys, case.dim)).to(case.device)
+        loss_fn = NTXentLoss(temperature=case.temperature, memory_bank_size=(case.keys, case.dim)).to(
+            case.device
+        )
         bank = loss_fn.memory_bank.bank
         if tuple(bank.shape) != (case.keys, case.dim):
             raise RuntimeError(f"lightly's bank has shape {tuple(bank.shape)}, expected (K, d)")
@@ -226,9 +228,14 @@ class Lightly(Row):
         self.device_type = case.device.type
         self.low_precision = self.autocast
         self.note = (
-            f"lightly {common._version('lightly')} NTXentLoss: normalizes q,k; bank (K,d) fp32 cloned per call, "
+            f"lightly {common._version('lightly')} NTXentLoss: normalizes q,k; "
+            "bank (K,d) fp32 cloned per call, "
             "enqueues k after the forward"
-            + (f"; autocast({self.device_type}, {common.dtype_name(case.dtype)}) for its fp32 bank" if self.autocast else "")
+            + (
+                f"; autocast({self.device_type}, {common.dtype_name(case.dtype)}) for its fp32 bank"
+                if self.autocast
+                else ""
+            )
         )
         return loss_fn
 
@@ -284,9 +291,13 @@ class SdpaFlash(Row):
         qq = q.reshape(1, 1, rows, -1).expand(splits, 1, rows, q.shape[1]).contiguous()
         nn_ = n.reshape(splits, 1, n.shape[0] // splits, n.shape[1])
         if self.kernel.endswith("_for_cpu"):
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qq, nn_, nn_, scale=self.scale)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qq, nn_, nn_, scale=self.scale
+            )
         elif self.kernel.endswith("_efficient_attention"):
-            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qq, nn_, nn_, None, True, scale=self.scale)[:2]
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                qq, nn_, nn_, None, True, scale=self.scale
+            )[:2]
         else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qq, nn_, nn_, scale=self.scale)[:2]
         out = out[:, 0].float()  # (S, B, d)
@@ -335,7 +346,8 @@ class CutCrossEntropy(Row):
         self.scale = case.scale
         self.low_precision = case.dtype != torch.float32
         self.targets = torch.zeros(case.batch, dtype=torch.long, device=case.device)
-        self.note = f"cut-cross-entropy {common._version('cut-cross-entropy')} cce_exact: lse over the queue, positive merged"
+        version = common._version("cut-cross-entropy")
+        self.note = f"cut-cross-entropy {version} cce_exact: lse over the queue, positive merged"
 
     def forward(self, state, q, k, n):
         qs = q * self.scale
@@ -400,7 +412,11 @@ def select_rows(rows: list[Row], wanted: list[str] | None) -> list[Row]:
     chosen = []
     for row in rows:
         short = row.name.removeprefix("moco_fast[").removesuffix("]")
-        if row.name in wanted or short in wanted or (row.name.startswith("moco_fast") and "moco_fast" in wanted):
+        if (
+            row.name in wanted
+            or short in wanted
+            or (row.name.startswith("moco_fast") and "moco_fast" in wanted)
+        ):
             chosen.append(row)
     return chosen
 
@@ -432,9 +448,22 @@ def measure_memory(row: Row, case: Case, q, k, n, state, args) -> dict:
     if not common.hwm_supported():
         return {"error": "no /proc/self/clear_refs"}
     child = [
-        "--_memory-child", row.name, "--device", "cpu", "--dtype", common.dtype_name(case.dtype),
-        "-B", str(case.batch), "-K", str(case.keys), "-d", str(case.dim), "--temperature", str(case.temperature),
-        "--threads", str(torch.get_num_threads()),
+        "--_memory-child",
+        row.name,
+        "--device",
+        "cpu",
+        "--dtype",
+        common.dtype_name(case.dtype),
+        "-B",
+        str(case.batch),
+        "-K",
+        str(case.keys),
+        "-d",
+        str(case.dim),
+        "--temperature",
+        str(case.temperature),
+        "--threads",
+        str(torch.get_num_threads()),
     ]
     return common.run_child(os.path.abspath(__file__), child)
 
@@ -502,11 +531,15 @@ def run_case(case: Case, rows: list[Row], args, timing: dict) -> list[dict]:
             # The check call above is the first warm-up call; the forward runs warm after the fwd+bwd calls.
             fb_timing = dict(timing, warmup=max(timing["warmup"] - 1, 0))
             fw_timing = dict(timing, warmup=timing["warmup"] // 2, min_repeats=min(3, timing["min_repeats"]))
-            fb = common.time_fn(lambda: row.fwd_bwd(state, q, k, n), case.device, **fb_timing)
-            fw = common.time_fn(lambda: row.forward(state, q, k, n), case.device, **fw_timing)
+            fb = common.time_fn(functools.partial(row.fwd_bwd, state, q, k, n), case.device, **fb_timing)
+            fw = common.time_fn(functools.partial(row.forward, state, q, k, n), case.device, **fw_timing)
             result.update(
-                fwd_bwd_s=fb["median_s"], fwd_bwd_min_s=fb["min_s"], fwd_s=fw["median_s"],
-                repeats=fb["repeats"], fwd_repeats=fw["repeats"], warmup=timing["warmup"],
+                fwd_bwd_s=fb["median_s"],
+                fwd_bwd_min_s=fb["min_s"],
+                fwd_s=fw["median_s"],
+                repeats=fb["repeats"],
+                fwd_repeats=fw["repeats"],
+                warmup=timing["warmup"],
                 tflops=case.flops() / fb["median_s"] / 1e12,
                 gbps=case.min_bytes() / fb["median_s"] / 1e9,
             )
@@ -527,9 +560,17 @@ def run_case(case: Case, rows: list[Row], args, timing: dict) -> list[dict]:
     return results
 
 
+def _unavailable(result: dict) -> bool:
+    status = str(result.get("status", ""))
+    return status.startswith("skipped") and "needs" not in status
+
+
 def _case_fields(case: Case) -> dict:
     return {
-        "B": case.batch, "K": case.keys, "d": case.dim, "dtype": common.dtype_name(case.dtype),
+        "B": case.batch,
+        "K": case.keys,
+        "d": case.dim,
+        "dtype": common.dtype_name(case.dtype),
         "temperature": case.temperature,
     }
 
@@ -542,25 +583,34 @@ def _case_fields(case: Case) -> dict:
 def table(results: list[dict], device: torch.device, with_case: bool = False) -> str:
     rows = []
     for r in results:
-        rows.append({
-            "case": f"{r['B']}/{r['K']}/{r['d']}/{r['dtype']}",
-            "row": r["row"],
-            "fb": common.fmt_time(r.get("fwd_bwd_s")),
-            "fw": common.fmt_time(r.get("fwd_s")),
-            "n": r.get("repeats", "-"),
-            "mem": common.fmt_bytes(r.get("peak_extra_bytes")),
-            "speed": common.fmt_ratio(r.get("speedup_vs_ref")),
-            "memr": "-" if r.get("memory_vs_ref") is None else f"{r['memory_vs_ref']:.3f}",
-            "lerr": common.fmt_err(r.get("loss_abs_err")),
-            "qerr": common.fmt_err(r.get("dq_rel_err")),
-            "tf": "-" if "tflops" not in r else f"{r['tflops']:.1f}",
-            "gb": "-" if "gbps" not in r else f"{r['gbps']:.0f}",
-            "status": r.get("status", ""),
-        })
+        rows.append(
+            {
+                "case": f"{r['B']}/{r['K']}/{r['d']}/{r['dtype']}",
+                "row": r["row"],
+                "fb": common.fmt_time(r.get("fwd_bwd_s")),
+                "fw": common.fmt_time(r.get("fwd_s")),
+                "n": r.get("repeats", "-"),
+                "mem": common.fmt_bytes(r.get("peak_extra_bytes")),
+                "speed": common.fmt_ratio(r.get("speedup_vs_ref")),
+                "memr": "-" if r.get("memory_vs_ref") is None else f"{r['memory_vs_ref']:.3f}",
+                "lerr": common.fmt_err(r.get("loss_abs_err")),
+                "qerr": common.fmt_err(r.get("dq_rel_err")),
+                "tf": "-" if "tflops" not in r else f"{r['tflops']:.1f}",
+                "gb": "-" if "gbps" not in r else f"{r['gbps']:.0f}",
+                "status": r.get("status", ""),
+            }
+        )
     columns = [("case B/K/d/dtype", "case")] if with_case else []
     columns += [
-        ("row", "row"), ("fwd+bwd", "fb"), ("fwd", "fw"), ("n", "n"), ("peak extra mem", "mem"),
-        ("speedup vs ref", "speed"), ("mem / ref", "memr"), ("|loss err|", "lerr"), ("dq rel err", "qerr"),
+        ("row", "row"),
+        ("fwd+bwd", "fb"),
+        ("fwd", "fw"),
+        ("n", "n"),
+        ("peak extra mem", "mem"),
+        ("speedup vs ref", "speed"),
+        ("mem / ref", "memr"),
+        ("|loss err|", "lerr"),
+        ("dq rel err", "qerr"),
     ]
     if device.type == "cuda":
         columns += [("TFLOP/s", "tf"), ("GB/s", "gb")]
@@ -587,7 +637,11 @@ def _cases(args) -> list[Case]:
     batches = args.batch or (QUICK_B if quick else SWEEP_B) if args.sweep else (args.batch or [256])
     keys = args.keys or (QUICK_K if quick else SWEEP_K) if args.sweep else (args.keys or [65536])
     dims = args.dim or (QUICK_D if quick else SWEEP_D) if args.sweep else (args.dim or [128])
-    dtypes = args.dtype or (QUICK_DTYPES[device.type] if quick else SWEEP_DTYPES) if args.sweep else (args.dtype or ["fp32"])
+    dtypes = (
+        args.dtype or (QUICK_DTYPES[device.type] if quick else SWEEP_DTYPES)
+        if args.sweep
+        else (args.dtype or ["fp32"])
+    )
     return [
         Case(b, kk, dd, common.parse_dtype(t), device, args.temperature)
         for t, dd, b, kk in itertools.product(dtypes, dims, batches, keys)
@@ -595,7 +649,9 @@ def _cases(args) -> list[Case]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", nargs="+", default=None, help="input dtype(s): fp32 (default), bf16, fp16")
     p.add_argument("-B", "--batch", type=int, nargs="+", default=None, help="batch size(s) (default 256)")
@@ -603,19 +659,49 @@ def parse_args(argv=None):
     p.add_argument("-d", "--dim", type=int, nargs="+", default=None, help="key dim(s) (default 128)")
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument(
-        "--backends", nargs="+", default=None,
-        help="rows to run (default all): reference ref-autocast lightly sdpa-flash cce-exact moco_fast torch triton cuda",
+        "--backends",
+        nargs="+",
+        default=None,
+        help="rows to run (default all): reference ref-autocast lightly sdpa-flash cce-exact "
+        "moco_fast torch triton cuda",
     )
-    p.add_argument("--repeats", type=int, default=None, help="max timed repeats per row (CPU 20, GPU 100; less with --quick/--sweep)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first, the check call included (CPU 1, GPU 10)")
-    p.add_argument("--budget", type=float, default=None, help="about this many seconds of timed calls per row and metric (CPU 1.5, GPU 1)")
-    p.add_argument("--sweep", action="store_true", help="B x K x d x dtype grid (axes given explicitly are kept)")
-    p.add_argument("--quick", action="store_true", help="fewer repeats; with --sweep a small d=128 grid (fp32 on CPU, bf16 on GPU)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="max timed repeats per row (CPU 20, GPU 100; less with --quick/--sweep)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed calls first, the check call included (CPU 1, GPU 10)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="about this many seconds of timed calls per row and metric (CPU 1.5, GPU 1)",
+    )
+    p.add_argument(
+        "--sweep", action="store_true", help="B x K x d x dtype grid (axes given explicitly are kept)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repeats; with --sweep a small d=128 grid (fp32 on CPU, bf16 on GPU)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default torch's)")
     p.add_argument("--json", metavar="PATH", help="write results and machine info as JSON")
-    p.add_argument("--plot", nargs="?", const="", default=None, metavar="PREFIX",
-                   help="write PNG plots (default prefix benchmarks/results/<cpu|gpu>_infonce)")
+    p.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PREFIX",
+        help="write PNG plots (default prefix benchmarks/results/<cpu|gpu>_infonce)",
+    )
     p.add_argument("--plot-from", metavar="JSON", help="only plot an existing JSON result")
     p.add_argument("--_memory-child", dest="_memory_child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -653,18 +739,24 @@ def main(argv=None) -> int:
         print(f"no rows match --backends {args.backends}", file=sys.stderr)
         return 2
     machine = common.machine_info(device)
-    print(f"# bench_infonce on {machine.get('gpu', machine['cpu'])} ({device}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load {machine['loadavg']}")
+    print(
+        f"# bench_infonce on {machine.get('gpu', machine['cpu'])} ({device}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load {machine['loadavg']}"
+    )
     results: list[dict] = []
     iterator = common.progress(cases, total=len(cases), desc="cases") if len(cases) > 1 else cases
     for case in iterator:
         case_results = run_case(case, rows, args, timing)
         results += case_results
         if len(cases) == 1:
-            print(f"# {case.label()}, T={case.temperature}; median of n repeats after {timing['warmup']} warm-up")
+            print(
+                f"# {case.label()}, T={case.temperature}; "
+                f"median of n repeats after {timing['warmup']} warm-up"
+            )
             print(table(case_results, device))
-    if len(cases) > 1:
-        print(table(results, device, with_case=True))
+    if len(cases) > 1:  # rows this device cannot run are left out of the sweep table (kept in the JSON)
+        shown = [r for r in results if not _unavailable(r)]
+        print(table(shown, device, with_case=True))
     print("rows:\n" + notes(results))
     failed = [r["row"] for r in results if str(r.get("status", "")).startswith(("FAIL", "error"))]
     if failed:

@@ -27,9 +27,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
+import torch  # noqa: E402
 
 MODELS = ("resnet18", "resnet50", "vit_b_16")
 
@@ -56,10 +55,16 @@ def rows_for(device: torch.device, wanted: list[str] | None) -> list[tuple[str, 
     """(row name, kind, backend) in table order."""
     import moco_fast
 
-    rows = [("official loop", "official", None), ("lightly", "lightly", None), ("_foreach_lerp_", "lerp", None)]
+    rows = [
+        ("official loop", "official", None),
+        ("lightly", "lightly", None),
+        ("_foreach_lerp_", "lerp", None),
+    ]
     backends = [b for b in moco_fast.available_backends() if b != "reference"]
     if device.type != "cuda":
-        backends = [b for b in backends if b == "torch"]  # triton: CPU interpreter far too slow; cuda: GPU only
+        backends = [
+            b for b in backends if b == "torch"
+        ]  # triton: CPU interpreter far too slow; cuda: GPU only
     for b in backends:
         rows.append((f"moco_fast.momentum_update[{b}]", "list", b))
     for b in backends:
@@ -69,7 +74,9 @@ def rows_for(device: torch.device, wanted: list[str] | None) -> list[tuple[str, 
     return rows
 
 
-def make_updater(kind: str, backend: str | None, online: torch.nn.Module, target0: torch.nn.Module, momentum: float):
+def make_updater(
+    kind: str, backend: str | None, online: torch.nn.Module, target0: torch.nn.Module, momentum: float
+):
     """(update() -> None, read() -> list of target tensors) for one row on its own copy of the target."""
     import moco_fast
     from moco_fast.reference import reference_momentum_update
@@ -77,16 +84,20 @@ def make_updater(kind: str, backend: str | None, online: torch.nn.Module, target
     if kind == "flat":
         enc = moco_fast.MomentumEncoder(online, momentum=momentum, backend=backend)
         with torch.no_grad():  # start from the same target as every other row
-            for p, p0 in zip(enc.module.parameters(), target0.parameters()):
+            for p, p0 in zip(enc.module.parameters(), target0.parameters(), strict=True):
                 p.copy_(p0)
         return enc.update, lambda: [p.data for p in enc.module.parameters()]
     target = copy.deepcopy(target0)
     if kind == "official":
-        return (lambda: reference_momentum_update(target, online, momentum)), lambda: [p.data for p in target.parameters()]
+        return (lambda: reference_momentum_update(target, online, momentum)), lambda: [
+            p.data for p in target.parameters()
+        ]
     if kind == "lightly":
         from lightly.models.utils import update_momentum
 
-        return (lambda: update_momentum(online, target, momentum)), lambda: [p.data for p in target.parameters()]
+        return (lambda: update_momentum(online, target, momentum)), lambda: [
+            p.data for p in target.parameters()
+        ]
     targets = [p.data for p in target.parameters()]
     sources = [p.data for p in online.parameters()]
     if kind == "lerp":
@@ -112,7 +123,13 @@ def run_model(name: str, args, device, dtype, timing) -> list[dict]:
     expected = None
     results = []
     for row, kind, backend in rows_for(device, args.backends):
-        result = {"model": name, "row": row, "params": numel, "tensors": count, "dtype": common.dtype_name(dtype)}
+        result = {
+            "model": name,
+            "row": row,
+            "params": numel,
+            "tensors": count,
+            "dtype": common.dtype_name(dtype),
+        }
         results.append(result)
         try:
             if kind == "lightly":
@@ -123,11 +140,16 @@ def run_model(name: str, args, device, dtype, timing) -> list[dict]:
             got = [t.float().clone() for t in read()]
             if expected is None:
                 expected = got  # the official loop runs first
-            err = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+            err = max(float((a - b).abs().max()) for a, b in zip(got, expected, strict=True))
             tol = 0.0 if kind == "official" else (1e-6 if dtype == torch.float32 else 1e-2)
             result.update(max_abs_err=err, status="ok" if err <= tol else f"FAIL (tol {tol:g})")
             t = common.time_fn(update, device, **timing)
-            result.update(time_s=t["median_s"], min_s=t["min_s"], repeats=t["repeats"], gbps=bytes_per_step / t["median_s"] / 1e9)
+            result.update(
+                time_s=t["median_s"],
+                min_s=t["min_s"],
+                repeats=t["repeats"],
+                gbps=bytes_per_step / t["median_s"] / 1e9,
+            )
             del update, read
         except ImportError as exc:
             result.update(status=f"skipped: {exc.name or exc} not installed")
@@ -143,7 +165,7 @@ def run_model(name: str, args, device, dtype, timing) -> list[dict]:
 def table(results: list[dict]) -> str:
     rows = [
         {
-            "model": f"{r['model']} ({r['params'] / 1e6:.1f}M, {r['tensors']} tensors)",
+            "model": f"{r['model']} {r['dtype']} ({r['params'] / 1e6:.1f}M, {r['tensors']} tensors)",
             "row": r["row"],
             "t": common.fmt_time(r.get("time_s")),
             "n": r.get("repeats", "-"),
@@ -154,21 +176,33 @@ def table(results: list[dict]) -> str:
         }
         for r in results
     ]
-    cols = [("model", "model"), ("row", "row"), ("time/update", "t"), ("n", "n"), ("GB/s", "gb"),
-            ("speedup vs official", "sp"), ("max |err| vs official", "err"), ("check", "status")]
+    cols = [
+        ("model", "model"),
+        ("row", "row"),
+        ("time/update", "t"),
+        ("n", "n"),
+        ("GB/s", "gb"),
+        ("speedup vs official", "sp"),
+        ("max |err| vs official", "err"),
+        ("check", "status"),
+    ]
     return common.format_table(rows, cols)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", help="parameter dtype: fp32 (default), bf16, fp16")
+    p.add_argument("--dtype", nargs="+", default=["fp32"], help="parameter dtype(s): fp32, bf16, fp16")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--momentum", type=float, default=0.999)
-    p.add_argument("--backends", nargs="+", default=None, help="rows: official lightly lerp list flat torch triton cuda")
+    p.add_argument(
+        "--backends", nargs="+", default=None, help="rows: official lightly lerp list flat torch triton cuda"
+    )
     p.add_argument("--repeats", type=int, default=None, help="max timed repeats (CPU 20, GPU 100)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (CPU 2, GPU 10)")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row (CPU 1, GPU 0.5)")
+    p.add_argument(
+        "--budget", type=float, default=None, help="seconds of timed calls per row (CPU 1, GPU 0.5)"
+    )
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default torch's)")
     p.add_argument("--json", metavar="PATH")
@@ -183,7 +217,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common.set_threads(args.threads)
     device = common.pick_device(args.device)
-    dtype = common.parse_dtype(args.dtype)
     gpu = device.type == "cuda"
     timing = {
         "warmup": args.warmup if args.warmup is not None else (10 if gpu else 2),
@@ -192,16 +225,28 @@ def main(argv=None) -> int:
         "budget_s": args.budget or (0.25 if args.quick else (0.5 if gpu else 1.0)),
     }
     machine = common.machine_info(device)
-    print(f"# bench_momentum on {machine.get('gpu', machine['cpu'])} ({device}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load {machine['loadavg']}; m={args.momentum}, {args.dtype}")
+    print(
+        f"# bench_momentum on {machine.get('gpu', machine['cpu'])} ({device}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load {machine['loadavg']}; m={args.momentum}, "
+        f"{' '.join(args.dtype)}"
+    )
     results = []
-    for name in args.models:
-        results += run_model(name, args, device, dtype, timing)
+    for dtype_name in args.dtype:
+        for name in args.models:
+            results += run_model(name, args, device, common.parse_dtype(dtype_name), timing)
     print(table(results))
     machine["loadavg_end"] = list(os.getloadavg())
     if args.json:
-        common.write_json(args.json, {"benchmark": "momentum", "machine": machine, "timing": timing,
-                                      "argv": sys.argv[1:] if argv is None else list(argv), "results": results})
+        common.write_json(
+            args.json,
+            {
+                "benchmark": "momentum",
+                "machine": machine,
+                "timing": timing,
+                "argv": sys.argv[1:] if argv is None else list(argv),
+                "results": results,
+            },
+        )
     return 0
 
 

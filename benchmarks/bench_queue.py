@@ -21,6 +21,7 @@ structural count (host reads of device values per call) is given next to it.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -28,10 +29,9 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-import common  # noqa: E402
 
 # Host reads of device values per call, by construction of the code (see the module docstring).
 STRUCTURAL_SYNCS = {"official": "1 (int(ptr))", "raise": "1 (ok.item())", "skip": "0 once full"}
@@ -39,7 +39,9 @@ STRUCTURAL_SYNCS = {"official": "1 (int(ptr))", "raise": "1 (ok.item())", "skip"
 
 def make_keys(steps: int, batch: int, dim: int, device, dtype, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [F.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(device, dtype) for _ in range(steps)]
+    return [
+        F.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(device, dtype) for _ in range(steps)
+    ]
 
 
 def rows_for(device: torch.device, wanted: list[str] | None) -> list[tuple[str, str | None, str]]:
@@ -77,8 +79,16 @@ class Moco:
         import moco_fast
 
         size, dim = start.shape
-        self.q = moco_fast.KeyQueue(size, dim, dtype=start.dtype, gather_distributed=False, init="random",
-                                    on_nonfinite=mode, device=start.device, backend=backend)
+        self.q = moco_fast.KeyQueue(
+            size,
+            dim,
+            dtype=start.dtype,
+            gather_distributed=False,
+            init="random",
+            on_nonfinite=mode,
+            device=start.device,
+            backend=backend,
+        )
         with torch.no_grad():
             self.q.keys.copy_(start)
 
@@ -87,6 +97,10 @@ class Moco:
 
     def contents(self):
         return self.q.keys
+
+
+def _enqueue_next(impl, keys_cycle) -> None:
+    impl.enqueue(next(keys_cycle))
 
 
 def count_syncs(fn, device: torch.device, calls: int = 5):
@@ -108,14 +122,22 @@ def count_syncs(fn, device: torch.device, calls: int = 5):
 
 
 def run_case(batch, size, dim, dtype, device, args, timing) -> list[dict]:
-    start = F.normalize(torch.randn(size, dim, generator=torch.Generator().manual_seed(1)), dim=1).to(device, dtype)
+    start = F.normalize(torch.randn(size, dim, generator=torch.Generator().manual_seed(1)), dim=1).to(
+        device, dtype
+    )
     check_keys = make_keys(3, batch, dim, device, dtype, seed=2)
     bench_keys = make_keys(8, batch, dim, device, dtype, seed=3)
     expected = None
     results = []
     for row, backend, mode in rows_for(device, args.backends):
-        result = {"row": row, "B": batch, "K": size, "d": dim, "dtype": common.dtype_name(dtype),
-                  "structural_syncs": STRUCTURAL_SYNCS[mode]}
+        result = {
+            "row": row,
+            "B": batch,
+            "K": size,
+            "d": dim,
+            "dtype": common.dtype_name(dtype),
+            "structural_syncs": STRUCTURAL_SYNCS[mode],
+        }
         results.append(result)
         if mode == "official" and size % batch != 0:
             result["status"] = "skipped: K % B != 0 (the official code asserts)"
@@ -129,11 +151,14 @@ def run_case(batch, size, dim, dtype, device, args, timing) -> list[dict]:
                 expected = got
             err = float((got - expected).abs().max())
             result.update(max_abs_err=err, status="ok" if err == 0 else "FAIL (contents differ)")
-            step = itertools.cycle(bench_keys)
-            call = lambda: impl.enqueue(next(step))  # noqa: E731
+            call = functools.partial(_enqueue_next, impl, itertools.cycle(bench_keys))
             t = common.time_fn(call, device, **timing)
-            result.update(time_s=t["median_s"], min_s=t["min_s"], repeats=t["repeats"],
-                          host_syncs=count_syncs(call, device))
+            result.update(
+                time_s=t["median_s"],
+                min_s=t["min_s"],
+                repeats=t["repeats"],
+                host_syncs=count_syncs(call, device),
+            )
         except Exception as exc:  # noqa: BLE001
             result.update(status=f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     base = next((r for r in results if r["row"] == "official" and "time_s" in r), None)
@@ -157,9 +182,16 @@ def table(results: list[dict]) -> str:
         }
         for r in results
     ]
-    cols = [("case B/K/d/dtype", "case"), ("row", "row"), ("time/call", "t"), ("n", "n"),
-            ("speedup vs official", "sp"), ("host syncs/call", "sync"), ("by construction", "struct"),
-            ("check", "status")]
+    cols = [
+        ("case B/K/d/dtype", "case"),
+        ("row", "row"),
+        ("time/call", "t"),
+        ("n", "n"),
+        ("speedup vs official", "sp"),
+        ("host syncs/call", "sync"),
+        ("by construction", "struct"),
+        ("check", "status"),
+    ]
     return common.format_table(rows, cols)
 
 
@@ -196,8 +228,10 @@ def main(argv=None) -> int:
     sizes = args.keys or ([4096, 65536] if args.sweep else [65536])
     dims = args.dim or [128]
     machine = common.machine_info(device)
-    print(f"# bench_queue on {machine.get('gpu', machine['cpu'])} ({device}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load {machine['loadavg']}")
+    print(
+        f"# bench_queue on {machine.get('gpu', machine['cpu'])} ({device}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load {machine['loadavg']}"
+    )
     results = []
     for t, d, k, b in itertools.product(args.dtype, dims, sizes, batches):
         if b > k:
@@ -206,8 +240,16 @@ def main(argv=None) -> int:
     print(table(results))
     machine["loadavg_end"] = list(os.getloadavg())
     if args.json:
-        common.write_json(args.json, {"benchmark": "queue", "machine": machine, "timing": timing,
-                                      "argv": sys.argv[1:] if argv is None else list(argv), "results": results})
+        common.write_json(
+            args.json,
+            {
+                "benchmark": "queue",
+                "machine": machine,
+                "timing": timing,
+                "argv": sys.argv[1:] if argv is None else list(argv),
+                "results": results,
+            },
+        )
     return 0
 
 

@@ -303,9 +303,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     """A plain-text table: ``columns`` are (header, key) pairs; values are printed with str()."""
     cells = [[str(row.get(key, "")) for _, key in columns] for row in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _) in enumerate(columns)]
-    lines = ["  ".join(h.ljust(w) for (h, _), w in zip(columns, widths))]
+    lines = ["  ".join(h.ljust(w) for (h, _), w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """PNG plots of benchmark JSON results (matplotlib, Agg backend): time and memory vs K and vs B.
 
-    python benchmarks/plot.py benchmarks/results/cpu_infonce_sweep.json [PREFIX]
+python benchmarks/plot.py benchmarks/results/cpu_infonce_sweep.json [PREFIX]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _STYLE = {
 
 def _title(payload: dict) -> str:
     m = payload["machine"]
-    where = m.get("gpu") or f"{m['cpu']} ({m.get('torch_threads')} threads)"
+    where = m.get("gpu") or f"{m['cpu']}, {m.get('cpu_count')} cores, torch threads={m.get('torch_threads')}"
     load = m.get("loadavg")
     busy = f", load avg {load[0]:.1f} at start" if load else ""
     return f"{where}, torch {m['torch']}, {m['date_utc'][:10]}{busy}"
@@ -85,13 +85,23 @@ def _bar_plot(payload, path) -> bool:
     r0 = results[0]
     names = [r["row"] for r in results]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2))
-    ax_t.barh(names, [r["fwd_bwd_s"] * 1e3 for r in results], color=[_STYLE.get(n, {}).get("color", "gray") for n in names])
-    ax_m.barh(names, [(r.get("peak_extra_bytes") or 0) / 2**20 for r in results],
-              color=[_STYLE.get(n, {}).get("color", "gray") for n in names])
+    ax_t.barh(
+        names,
+        [r["fwd_bwd_s"] * 1e3 for r in results],
+        color=[_STYLE.get(n, {}).get("color", "gray") for n in names],
+    )
+    ax_m.barh(
+        names,
+        [(r.get("peak_extra_bytes") or 0) / 2**20 for r in results],
+        color=[_STYLE.get(n, {}).get("color", "gray") for n in names],
+    )
     ax_t.set_xlabel("fwd+bwd median time (ms)")
     ax_m.set_xlabel("peak extra memory (MiB)")
+    mems = [r["peak_extra_bytes"] / 2**20 for r in results if r.get("peak_extra_bytes")]
+    ax_m.set_xscale("log")  # memory spans orders of magnitude; time is linear so bar lengths compare
+    if mems:
+        ax_m.set_xlim(left=min(mems) / 2)
     for ax in (ax_t, ax_m):
-        ax.set_xscale("log")
         ax.invert_yaxis()
         ax.grid(True, axis="x", which="both", alpha=0.3)
     ax_m.set_yticklabels([])

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
-import torch
-
 import bench_infonce
 import bench_momentum
 import bench_queue
+import pytest
+import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -71,7 +70,7 @@ def test_momentum(row, momentum_models, timed):
     online, target0, expected = momentum_models
     update, read = bench_momentum.make_updater(kind, backend, online, target0, 0.99)
     update()
-    for got, want in zip(read(), expected):
+    for got, want in zip(read(), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     timed(update)
 
