@@ -7,10 +7,16 @@ Forward tiles (GPU). One (BLOCK_M, d) tile of q stays resident; (BLOCK_N, d) til
 stream through NUM_STAGES shared-memory buffers and feed both dots (s = q n^T, acc += p n), so
 unlike flash attention there is one K/V tile per step, not two. The fp32 accumulator (BLOCK_M x
 D_PAD) and the logits tile (BLOCK_M x BLOCK_N) live in registers: with 8 warps (2 warpgroups of
-wgmma on sm_90), 128 x 128 fp32 is 64 registers/thread, which is why d=256 halves BLOCK_M.
-fp32 dots (tf32/ieee) double the bytes per tile, so they halve BLOCK_N.
-tests/test_triton_offline_compile.py compiles every entry for sm_90 and sm_80 and checks shared
-memory, spills and tensor-core instructions in the SASS.
+wgmma on sm_90) a 128 x 128 fp32 accumulator is 64 registers/thread, which is why d=256 halves
+BLOCK_M. fp32 (tf32) tiles are twice the bytes and registers of bf16 ones, so they halve BLOCK_N.
+IEEE fp32 dots run on CUDA cores (FMA), whose operands sit in registers along d: small tiles.
+sm_80 has no wgmma (mma.sync keeps the A operand in registers) and 164 KB of shared memory: its
+d=128 tiles are 64 x 64, 4 warps, 2 stages.
+
+Every value below was compiled offline for sm_90a and sm_80 (tests/test_triton_offline_compile.py):
+no local-memory spills, shared memory within the chip's limit, HGMMA (sm_90) / HMMA (sm_80) for the
+tensor-core dots. They are starting points, not measurements: MOCO_FAST_TRITON_AUTOTUNE=1 times
+fwd_candidates() on the GPU instead.
 """
 
 from __future__ import annotations

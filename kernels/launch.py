@@ -105,11 +105,14 @@ def infonce_forward(q, k, negatives, scale, *, num_splits=None, config=None, fus
             B, K, d, kps, qk_scale, FINALIZE=True, **meta,
         )
         return lse, out, rank
-    m_part = torch.empty(splits, B, dtype=torch.float32, device=dev)
-    l_part = torch.empty(splits, B, dtype=torch.float32, device=dev)
-    o_part = torch.empty(splits, B, d, dtype=torch.float32, device=dev)
-    r_part = torch.empty(splits, B, dtype=torch.int32, device=dev)
-    pos = torch.empty(B, dtype=torch.float32, device=dev)
+    # One workspace allocation for all partials: O (S, B, d) first (keeps its 16-byte alignment),
+    # then m, l, rank (S, B) each and pos (B,).
+    sb = splits * B
+    ws = torch.empty(sb * (d + 3) + B, dtype=torch.float32, device=dev)
+    o_part = ws[: sb * d]
+    m_part, l_part = ws[sb * d : sb * (d + 1)], ws[sb * (d + 1) : sb * (d + 2)]
+    r_part = ws[sb * (d + 2) : sb * (d + 3)].view(torch.int32)
+    pos = ws[sb * (d + 3) :]
     infonce_fwd_split_kernel[(row_blocks, splits)](
         q, k, negatives, m_part, l_part, o_part, r_part, pos,
         B, K, d, kps, qk_scale, FINALIZE=False, **meta,

@@ -84,7 +84,8 @@ def check_rank(rank, pos, neg, eps=1e-4):
 
 
 def make(B, K, d, dq=torch.float32, dk=None, dn=None, *, normalize=True, device=DEV, seed=0):
-    g = torch.Generator().manual_seed(seed * 1000 + B * 7 + K * 3 + d)
+    # Derived from torch's global RNG (seeded per test by conftest; MOCO_FAST_RANDOM_SEED varies it).
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())) + seed * 1000 + B * 7 + K * 3 + d)
     dk = dk or dq
     dn = dn or dk
 
@@ -141,6 +142,8 @@ FWD_CASES = [
     (7, 1031, 96, torch.bfloat16, torch.bfloat16, torch.float32, None),
     (37, 63, 128, torch.float16, torch.bfloat16, torch.bfloat16, None),  # bf16 x fp16 -> fp32
     (130, 1000, 128, torch.float32, torch.bfloat16, torch.float16, 7),
+    (7, 300, 256, torch.float32, None, None, 2),
+    (5, 1031, 256, torch.bfloat16, None, None, None),
 ]
 
 
@@ -213,6 +216,7 @@ BWD_CASES = [
     (130, 63, 128, torch.float16, None, None),
     (37, 1000, 128, torch.float32, torch.float32, torch.bfloat16),
     (7, 1, 96, torch.bfloat16, torch.float32, torch.float16),
+    (5, 300, 256, torch.float32, None, None),
 ]
 
 
@@ -386,6 +390,56 @@ def test_enqueue_rejects_bad_sizes():
     ptr = torch.zeros(1, dtype=torch.int64, device=DEV)
     with pytest.raises(ValueError):
         KN.enqueue_(queue, ptr, ptr.clone(), torch.ones(5, 16, device=DEV), False)
+
+
+# ---------------------------------------------------------------------------------------------
+# through the public API (moco_fast.ops dispatching to this backend)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,K,d,dts", [(7, 1000, 96, (torch.float32,) * 3), (37, 63, 128, (torch.bfloat16,) * 3),
+                                       (5, 0, 16, (torch.float32,) * 3)])
+def test_public_info_nce_triton_backend(B, K, d, dts):
+    moco_fast = pytest.importorskip("moco_fast")
+    q, k, n = make(B, K, d, *dts, seed=7)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    n.requires_grad_(True)
+    loss, stats = moco_fast.info_nce(q, k, n, TEMP, backend="triton", return_stats=True)
+    loss.backward()
+    r_lse, _, pos, neg = oracle_forward(q.detach(), k.detach(), n.detach(), 1 / TEMP)
+    want = (r_lse - pos / TEMP).mean()
+    tol = tol_for(*dts)
+    assert abs(loss.item() - want.item()) <= tol * max(1.0, abs(want.item()))
+    check_rank(stats.rank, pos, neg)
+    grad = torch.full((B,), 1.0 / B, dtype=torch.float64)
+    rq, rk, rn = oracle_grads(q, k, n, 1 / TEMP, grad)
+    if K:
+        assert rel(q.grad, rq) < tol and rel(k.grad, rk) < tol and rel(n.grad, rn) < tol
+    else:  # only the positive: the exact gradient is 0
+        assert q.grad.abs().max().item() < 1e-5 and k.grad.abs().max().item() < 1e-5
+
+
+def test_public_momentum_and_queue_triton_backend():
+    moco_fast = pytest.importorskip("moco_fast")
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.randn(s, generator=g).to(DEV) for s in ((5, 3), (7,), (11, 2))]
+    ss = [torch.randn(t.shape, generator=g).to(DEV) for t in ts]
+    want = [ema_ref(t, s, 0.99) for t, s in zip(ts, ss)]
+    moco_fast.momentum_update(ts, ss, 0.99, backend="triton")
+    assert all(close_1ulp(t, w) for t, w in zip(ts, want))
+    queue = moco_fast.KeyQueue(10, 16, gather_distributed=False, device=DEV, backend="triton")
+    keys = torch.randn(4, 16, generator=g).to(DEV)
+    for step in range(3):  # 12 keys into 10 slots: wraps
+        queue.enqueue(keys + step)
+    assert int(queue.ptr) == 2 and int(queue.count) == 10
+    assert torch.allclose(queue.keys[:2].cpu(), (keys[2:] + 2).cpu())
+    bad = keys.clone()
+    bad[1, 1] = float("nan")
+    before = queue.keys.clone()
+    with pytest.raises(ValueError):
+        queue.enqueue(bad)
+    assert torch.equal(queue.keys, before) and int(queue.ptr) == 2
 
 
 # ---------------------------------------------------------------------------------------------
