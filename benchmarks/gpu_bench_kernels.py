@@ -1,3 +1,4 @@
+# ruff: noqa: B023 - the lambdas built in loops are timed at once, inside their iteration
 """GPU benchmark of the moco_fast kernels, run by benchmarks/gpu_check.sh on a CUDA machine.
 
 Measures, inside one run (ratios, not absolute numbers, are what carry between machines):
@@ -106,8 +107,12 @@ def ceilings(device, size):
     x = torch.empty(size["copy_bytes"] // 4, device=device, dtype=torch.float32).uniform_()
     t_cp = bench(lambda: x.clone(), device, warmup=3, reps=20)
     return dict(
-        matmul_n=n, matmul_s=t_mm, bf16_matmul_tflops=2 * n**3 / t_mm / 1e12,
-        copy_bytes=x.numel() * 4, copy_s=t_cp, copy_gbps=2 * x.numel() * 4 / t_cp / 1e9,
+        matmul_n=n,
+        matmul_s=t_mm,
+        bf16_matmul_tflops=2 * n**3 / t_mm / 1e12,
+        copy_bytes=x.numel() * 4,
+        copy_s=t_cp,
+        copy_gbps=2 * x.numel() * 4 / t_cp / 1e9,
     )
 
 
@@ -122,8 +127,16 @@ def infonce_cases(device, size, ceil, errors, backend_names):
     for dtype in (torch.bfloat16, torch.float32):
         for B in size["B"]:
             g = torch.Generator(device=device).manual_seed(B)
-            q = F.normalize(torch.randn(B, d, device=device, generator=g), dim=1).to(dtype).requires_grad_(True)
-            k = F.normalize(torch.randn(B, d, device=device, generator=g), dim=1).to(dtype).requires_grad_(True)
+            q = (
+                F.normalize(torch.randn(B, d, device=device, generator=g), dim=1)
+                .to(dtype)
+                .requires_grad_(True)
+            )
+            k = (
+                F.normalize(torch.randn(B, d, device=device, generator=g), dim=1)
+                .to(dtype)
+                .requires_grad_(True)
+            )
             queue = F.normalize(torch.randn(K, d, device=device, generator=g), dim=1).to(dtype)
             flops = 4 * B * K * d
             ref_t = None
@@ -137,16 +150,27 @@ def infonce_cases(device, size, ceil, errors, backend_names):
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
-                t = safe(f"info_nce {name} B={B} {dtype}", lambda: bench(step, device, reps=size["reps"]), errors)
+                t = safe(
+                    f"info_nce {name} B={B} {dtype}", lambda: bench(step, device, reps=size["reps"]), errors
+                )
                 peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" and t else None
                 if name == "reference":
                     ref_t = t
-                rows.append(dict(
-                    op="info_nce fwd+bwd", backend=name, B=B, K=K, d=d, dtype=str(dtype).replace("torch.", ""),
-                    seconds=t, tflops=(flops / t / 1e12) if t else None,
-                    frac_of_matmul=(flops / t / 1e12 / ceil["bf16_matmul_tflops"]) if t else None,
-                    speedup_vs_reference=(ref_t / t) if (t and ref_t) else None, peak_extra_bytes=peak,
-                ))
+                rows.append(
+                    dict(
+                        op="info_nce fwd+bwd",
+                        backend=name,
+                        B=B,
+                        K=K,
+                        d=d,
+                        dtype=str(dtype).replace("torch.", ""),
+                        seconds=t,
+                        tflops=(flops / t / 1e12) if t else None,
+                        frac_of_matmul=(flops / t / 1e12 / ceil["bf16_matmul_tflops"]) if t else None,
+                        speedup_vs_reference=(ref_t / t) if (t and ref_t) else None,
+                        peak_extra_bytes=peak,
+                    )
+                )
             if KN is not None and KN.AVAILABLE:
                 rows += raw_triton(q.detach(), k.detach(), queue, device, size, ceil, errors, flops)
     return rows
@@ -174,16 +198,34 @@ def raw_triton(q, k, queue, device, size, ceil, errors, flops):
     cfg = H.fwd_config(H.d_pad(d), name, cc, KN.INTERPRETED, prec)
     splits = H.num_splits(H.cdiv(B, cfg.block_m), H.cdiv(queue.shape[0], cfg.block_n), num_sms)
     out_rows = []
-    for label, fn, fl in (("triton raw fwd+bwd", both, flops), ("triton raw fwd", fwd, flops // 2),
-                          ("triton raw bwd (dq,dk)", bwd, 0), ("triton raw dn", dn, flops)):
+    for label, fn, fl in (
+        ("triton raw fwd+bwd", both, flops),
+        ("triton raw fwd", fwd, flops // 2),
+        ("triton raw bwd (dq,dk)", bwd, 0),
+        ("triton raw dn", dn, flops),
+    ):
         t = safe(f"{label} B={B} {dtype}", lambda fn=fn: bench(fn, device, reps=size["reps"]), errors)
-        out_rows.append(dict(
-            op=label, backend="triton", B=B, K=queue.shape[0], d=d, dtype=dtype, seconds=t,
-            tflops=(fl / t / 1e12) if (t and fl) else None,
-            frac_of_matmul=(fl / t / 1e12 / ceil["bf16_matmul_tflops"]) if (t and fl) else None,
-            config=dict(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages, num_splits=splits, precision=prec),
-        ))
+        out_rows.append(
+            dict(
+                op=label,
+                backend="triton",
+                B=B,
+                K=queue.shape[0],
+                d=d,
+                dtype=dtype,
+                seconds=t,
+                tflops=(fl / t / 1e12) if (t and fl) else None,
+                frac_of_matmul=(fl / t / 1e12 / ceil["bf16_matmul_tflops"]) if (t and fl) else None,
+                config=dict(
+                    block_m=cfg.block_m,
+                    block_n=cfg.block_n,
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    num_splits=splits,
+                    precision=prec,
+                ),
+            )
+        )
     return out_rows
 
 
@@ -208,10 +250,23 @@ def autotune_cases(device, size, errors):
             os.environ["MOCO_FAST_TRITON_AUTOTUNE"] = "0"
             t_h = bench(lambda: KN.infonce_forward(q, k, queue, 1 / 0.07), device)
             os.environ["MOCO_FAST_TRITON_AUTOTUNE"] = "1"
-            rows.append(dict(op="triton fwd autotuned", B=B, dtype="bfloat16", seconds=t, heuristic_seconds=t_h,
-                             tune_seconds=tune_s, config=dict(block_m=cfg.block_m, block_n=cfg.block_n,
-                                                              num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                                              num_splits=s)))
+            rows.append(
+                dict(
+                    op="triton fwd autotuned",
+                    B=B,
+                    dtype="bfloat16",
+                    seconds=t,
+                    heuristic_seconds=t_h,
+                    tune_seconds=tune_s,
+                    config=dict(
+                        block_m=cfg.block_m,
+                        block_n=cfg.block_n,
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                        num_splits=s,
+                    ),
+                )
+            )
     finally:
         os.environ["MOCO_FAST_TRITON_AUTOTUNE"] = "0"
     return rows
@@ -229,9 +284,17 @@ def resnet50_shapes(width=64, layers=(3, 4, 6, 3), num_classes=1000):
     for i, blocks in enumerate(layers):
         planes = width * 2**i
         for b in range(blocks):
-            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,),
-                       (planes, planes, 3, 3), (planes,), (planes,),
-                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            shapes += [
+                (planes, inplanes, 1, 1),
+                (planes,),
+                (planes,),
+                (planes, planes, 3, 3),
+                (planes,),
+                (planes,),
+                (planes * 4, planes, 1, 1),
+                (planes * 4,),
+                (planes * 4,),
+            ]
             if b == 0:
                 shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
             inplanes = planes * 4
@@ -251,12 +314,18 @@ def momentum_cases(device, size, ceil, errors, backend_names):
         for pk, pq in zip(tgt, src):
             pk.data = pk.data * m + pq.data * (1.0 - m)
 
-    cases = [("official loop", official),
-             ("torch._foreach", lambda: (torch._foreach_mul_(tgt, m), torch._foreach_add_(tgt, src, alpha=1 - m)))]
+    cases = [
+        ("official loop", official),
+        ("torch._foreach", lambda: (torch._foreach_mul_(tgt, m), torch._foreach_add_(tgt, src, alpha=1 - m))),
+    ]
     for name in backend_names:
         if name != "reference":
-            cases.append((f"moco_fast.momentum_update[{name}]",
-                          lambda name=name: moco_fast.momentum_update(tgt, src, m, backend=name)))
+            cases.append(
+                (
+                    f"moco_fast.momentum_update[{name}]",
+                    lambda name=name: moco_fast.momentum_update(tgt, src, m, backend=name),
+                )
+            )
     if KN is not None and KN.AVAILABLE:
         cases.append(("triton list (raw)", lambda: KN.momentum_update_(tgt, src, m)))
         flat_t, flat_s = torch.randn(n, device=device), torch.randn(n, device=device)
@@ -269,8 +338,17 @@ def momentum_cases(device, size, ceil, errors, backend_names):
     for label, fn in cases:
         t = safe(f"momentum {label}", lambda fn=fn: bench(fn, device, reps=size["reps"]), errors)
         gbps = 12 * n / t / 1e9 if t else None
-        rows.append(dict(op="momentum", impl=label, tensors=len(shapes), params=n, seconds=t, gbps=gbps,
-                         frac_of_copy=(gbps / ceil["copy_gbps"]) if gbps else None))
+        rows.append(
+            dict(
+                op="momentum",
+                impl=label,
+                tensors=len(shapes),
+                params=n,
+                seconds=t,
+                gbps=gbps,
+                frac_of_copy=(gbps / ceil["copy_gbps"]) if gbps else None,
+            )
+        )
     return rows
 
 
@@ -296,10 +374,15 @@ def enqueue_cases(device, size, errors, backend_names):
         if name == "reference":
             continue
         for qdt in (torch.float32, torch.bfloat16):
-            queue = moco_fast.KeyQueue(K, d, dtype=qdt, gather_distributed=False, device=device, backend=name,
-                                       normalize=True)
-            cases.append((f"KeyQueue[{name}] {str(qdt).replace('torch.', '')} +normalize",
-                          lambda queue=queue: queue.enqueue(keys)))
+            queue = moco_fast.KeyQueue(
+                K, d, dtype=qdt, gather_distributed=False, device=device, backend=name, normalize=True
+            )
+            cases.append(
+                (
+                    f"KeyQueue[{name}] {str(qdt).replace('torch.', '')} +normalize",
+                    lambda queue=queue: queue.enqueue(keys),
+                )
+            )
     if KN is not None and KN.AVAILABLE:
         raw_q = torch.randn(K, d, device=device)
         ptr = torch.zeros(1, dtype=torch.int64, device=device)
@@ -318,8 +401,15 @@ def enqueue_cases(device, size, errors, backend_names):
 
 def git_commit():
     try:
-        return subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "-C", os.path.dirname(HERE), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # noqa: BLE001
         return None
 
@@ -327,7 +417,9 @@ def git_commit():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu_<date>.json)")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, interpreter: exercise the code paths")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="CPU, tiny sizes, interpreter: exercise the code paths"
+    )
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--autotune", action="store_true", help="also run the triton forward autotuner (bf16)")
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: infonce momentum enqueue")
@@ -340,8 +432,16 @@ def main():
         if not torch.cuda.is_available():
             sys.exit("gpu_bench_kernels.py needs a CUDA GPU (use --dry-run to check it on CPU)")
         device = torch.device("cuda")
-        size = dict(B=(256, 4096), K=65536, d=128, matmul_n=8192, copy_bytes=1 << 30,
-                    reps=10 if args.quick else 50, resnet=True, enqueue_B=256)
+        size = dict(
+            B=(256, 4096),
+            K=65536,
+            d=128,
+            matmul_n=8192,
+            copy_bytes=1 << 30,
+            reps=10 if args.quick else 50,
+            resnet=True,
+            enqueue_B=256,
+        )
     torch.set_float32_matmul_precision("high")  # TF32 allowed: the usual training setting
     names = [b for b in ("reference", "torch", "triton", "cuda") if backends.is_available(b)]
     if device.type == "cpu":
@@ -349,15 +449,28 @@ def main():
     errors = []
     t0 = time.time()
     ceil = ceilings(device, size)
-    print(f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s",
-          flush=True)
+    print(
+        f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s",
+        flush=True,
+    )
     results = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
-        gpu=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor()}) dry-run",
-        torch=torch.__version__, triton=getattr(sys.modules.get("triton"), "__version__", None),
-        cuda=torch.version.cuda, git_commit=git_commit(), backends=names, dry_run=args.dry_run,
-        float32_matmul_precision=torch.get_float32_matmul_precision(), ceilings=ceil,
-        infonce=[], momentum=[], enqueue=[], autotune=[], errors=errors,
+        gpu=torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({platform.processor()}) dry-run",
+        torch=torch.__version__,
+        triton=getattr(sys.modules.get("triton"), "__version__", None),
+        cuda=torch.version.cuda,
+        git_commit=git_commit(),
+        backends=names,
+        dry_run=args.dry_run,
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
+        ceilings=ceil,
+        infonce=[],
+        momentum=[],
+        enqueue=[],
+        autotune=[],
+        errors=errors,
     )
     if "infonce" not in args.skip:
         results["infonce"] = infonce_cases(device, size, ceil, errors, names)
@@ -369,19 +482,26 @@ def main():
         results["autotune"] = autotune_cases(device, size, errors)
     results["total_seconds"] = round(time.time() - t0, 1)
 
-    print(f"\n{results['gpu']}  torch {results['torch']}  triton {results['triton']}  commit {results['git_commit']}")
-    print(f"{'op':26s} {'backend/impl':34s} {'B':>5s} {'dtype':>8s} {'us':>9s} {'TFLOP/s':>8s} {'%mm':>5s} {'xref':>6s}")
+    r = results
+    print(f"\n{r['gpu']}  torch {r['torch']}  triton {r['triton']}  commit {r['git_commit']}")
+    head = ("op", "backend/impl", "B", "dtype", "us", "TFLOP/s", "%mm", "xref")
+    print("{:26s} {:34s} {:>5s} {:>8s} {:>9s} {:>8s} {:>5s} {:>6s}".format(*head))
     for r in results["infonce"]:
-        print(f"{r['op']:26s} {r['backend']:34s} {r['B']:5d} {r['dtype']:>8s} {fmt_us(r['seconds'])} "
-              f"{(r['tflops'] or 0):8.1f} {100 * (r['frac_of_matmul'] or 0):5.1f} "
-              f"{(r.get('speedup_vs_reference') or 0):6.1f}")
+        print(
+            f"{r['op']:26s} {r['backend']:34s} {r['B']:5d} {r['dtype']:>8s} {fmt_us(r['seconds'])} "
+            f"{(r['tflops'] or 0):8.1f} {100 * (r['frac_of_matmul'] or 0):5.1f} "
+            f"{(r.get('speedup_vs_reference') or 0):6.1f}"
+        )
     for r in results["momentum"]:
-        print(f"{'momentum':26s} {r['impl']:34s} {'':5s} {'fp32':>8s} {fmt_us(r['seconds'])} "
-              f"{(r['gbps'] or 0):7.0f}GB/s {100 * (r['frac_of_copy'] or 0):4.0f}% of copy")
+        print(
+            f"{'momentum':26s} {r['impl']:34s} {'':5s} {'fp32':>8s} {fmt_us(r['seconds'])} "
+            f"{(r['gbps'] or 0):7.0f}GB/s {100 * (r['frac_of_copy'] or 0):4.0f}% of copy"
+        )
     for r in results["enqueue"]:
         print(f"{'enqueue':26s} {r['impl']:34s} {r['B']:5d} {'':>8s} {fmt_us(r['seconds'])}")
     for r in results["autotune"]:
-        print(f"autotune B={r['B']}: {fmt_us(r['seconds'])} us (heuristic {fmt_us(r['heuristic_seconds'])}) {r['config']}")
+        tuned, heur = fmt_us(r["seconds"]), fmt_us(r["heuristic_seconds"])
+        print(f"autotune B={r['B']}: {tuned} us (heuristic {heur}) {r['config']}")
     if errors:
         print(f"\n{len(errors)} errors:\n  " + "\n  ".join(errors))
 

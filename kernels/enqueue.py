@@ -54,7 +54,8 @@ def enqueue_kernel(
                 x = x / tl.maximum(norm, 1e-12)[:, None]
             dst = head + i + r  # < 2K since head < K and i + r < B <= K: no 64-bit modulo per row
             dst = tl.where(dst >= K, dst - K, dst)
-            tl.store(queue_ptr + dst[:, None] * d + cols[None, :], x.to(queue_ptr.dtype.element_ty), mask=mask)
+            dst_ptrs = queue_ptr + dst[:, None] * d + cols[None, :]
+            tl.store(dst_ptrs, x.to(queue_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()
         new_head = head + B
         tl.store(ptr_ptr, tl.where(new_head >= K, new_head - K, new_head))

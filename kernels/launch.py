@@ -13,7 +13,6 @@ import math
 import os
 
 import torch
-import triton
 import triton.language as tl
 
 from . import heuristics as H
@@ -27,7 +26,12 @@ LOG2E = 1.4426950408889634
 # @triton.jit returns an InterpretedFunction when TRITON_INTERPRET=1 was set before triton's import.
 INTERPRETED = type(infonce_fwd_split_kernel).__name__ == "InterpretedFunction"
 
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64}
+_TL = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
 _NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -41,7 +45,7 @@ def _precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_info(device: torch.device) -> tuple[int, tuple[int, int]]:
     """(SM count, compute capability); the interpreter gets a 1-SM view (no splits by default)."""
     if device.type == "cuda" and not INTERPRETED:
@@ -231,7 +235,7 @@ def momentum_update_(targets, sources, momentum) -> None:
     _check_float("targets", targets[0])
     for t, s in pairs:
         if t.dtype != dtype or s.dtype != dtype or t.numel() != s.numel():
-            raise ValueError("momentum_update_: all targets and sources must share one dtype and pairwise sizes")
+            raise ValueError("momentum_update_: targets and sources must share one dtype and pairwise sizes")
         if not (t.is_contiguous() and s.is_contiguous()):
             raise ValueError("momentum_update_: tensors must be contiguous")
     m = float(momentum)
@@ -307,7 +311,8 @@ def _autotuned_fwd(q, k, negatives, scale):
         base = H.num_splits(H.cdiv(B, cfg.block_m), H.cdiv(K, cfg.block_n), num_sms)
         for s in sorted({max(1, base // 2), base, base * 2}):
             try:
-                t = do_bench(lambda: infonce_forward(q, k, negatives, scale, num_splits=s, config=cfg), warmup=5, rep=20)
+                fn = lambda s=s, cfg=cfg: infonce_forward(q, k, negatives, scale, num_splits=s, config=cfg)  # noqa: E731
+                t = do_bench(fn, warmup=5, rep=20)
             except Exception:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
                 continue
             if t < best_t:

@@ -29,7 +29,9 @@ elif HAS_CUDA:
 else:
     pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
 
-needs_gpu = pytest.mark.skipif(not HAS_CUDA or KN.INTERPRETED, reason="needs a CUDA GPU (not the interpreter)")
+needs_gpu = pytest.mark.skipif(
+    not HAS_CUDA or KN.INTERPRETED, reason="needs a CUDA GPU (not the interpreter)"
+)
 TEMP = 0.07
 
 
@@ -80,7 +82,9 @@ def check_rank(rank, pos, neg, eps=1e-4):
     rank = rank.cpu()
     assert rank.dtype == torch.int64
     bad = ((rank < lo.cpu()) | (rank > hi.cpu())).nonzero().flatten().tolist()
-    assert not bad, f"rank wrong at rows {bad[:5]}: got {rank[bad[:5]].tolist()}, exact {lo[bad[:5]].tolist()}"
+    assert not bad, (
+        f"rank wrong at rows {bad[:5]}: got {rank[bad[:5]].tolist()}, exact {lo[bad[:5]].tolist()}"
+    )
 
 
 def make(B, K, d, dq=torch.float32, dk=None, dn=None, *, normalize=True, device=DEV, seed=0):
@@ -153,7 +157,9 @@ def test_forward_matches_float64(B, K, d, dq, dk, dn, splits):
     run_forward_check(q, k, n, 1 / TEMP, tol_for(q.dtype, k.dtype, n.dtype), num_splits=splits)
 
 
-@pytest.mark.parametrize("splits,fuse", [(1, True), (1, False), (2, None), (3, None), (8, None), (64, None), (1000, None)])
+@pytest.mark.parametrize(
+    "splits,fuse", [(1, True), (1, False), (2, None), (3, None), (8, None), (64, None), (1000, None)]
+)
 def test_forward_split_counts_agree(splits, fuse):
     """Small tiles force many splits (and the combine kernel) even in the interpreter; fuse=False
     runs a single split through the combine kernel, as the GPU does for the unfused configs."""
@@ -269,7 +275,7 @@ def ema_ref(t, s, m):
 
 def close_1ulp(a, b):
     """Equal up to one rounding of the output dtype (the interpreter truncates fp32 -> bf16)."""
-    eps = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[a.dtype]
+    eps = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[a.dtype]
     return torch.allclose(a.float(), b.float(), rtol=eps, atol=1e-6)
 
 
@@ -397,8 +403,14 @@ def test_enqueue_rejects_bad_sizes():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("B,K,d,dts", [(7, 1000, 96, (torch.float32,) * 3), (37, 63, 128, (torch.bfloat16,) * 3),
-                                       (5, 0, 16, (torch.float32,) * 3)])
+@pytest.mark.parametrize(
+    "B,K,d,dts",
+    [
+        (7, 1000, 96, (torch.float32,) * 3),
+        (37, 63, 128, (torch.bfloat16,) * 3),
+        (5, 0, 16, (torch.float32,) * 3),
+    ],
+)
 def test_public_info_nce_triton_backend(B, K, d, dts):
     moco_fast = pytest.importorskip("moco_fast")
     q, k, n = make(B, K, d, *dts, seed=7)
@@ -564,4 +576,3 @@ def test_gpu_enqueue_no_host_sync_and_wraps():
     before = queue.clone()
     assert KN.enqueue_(queue, ptr, count, keys, True).item() is False
     assert torch.equal(queue, before) and ptr.item() == want_p
-

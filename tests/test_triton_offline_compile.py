@@ -53,73 +53,182 @@ def specs():
             if H.fuse_single_split(dp, dot, cap):
                 variants.append(dict(FINALIZE=True, EVEN_K=False))
             for var in variants:
-                out.append(dict(
-                    name=f"fwd_d{d}_{qd}_{nd}_{prec}{'_final' if var['FINALIZE'] else ''}_sm{cc}",
-                    kernel="infonce_fwd_split_kernel", cc=cc,
-                    types=dict(q_ptr="*" + TL_NAME[qd], k_ptr="*" + TL_NAME[qd], n_ptr="*" + TL_NAME[nd],
-                               m_ptr="*fp32", l_ptr="*fp32", o_ptr="*fp32",
-                               r_ptr="*i64" if var["FINALIZE"] else "*i32", pos_ptr="*fp32",
-                               B="i32", K="i32", d="i32", keys_per_split="i32", qk_scale="fp32"),
-                    divisible=["B", "K", "keys_per_split"] + (["d"] if d % 16 == 0 else []),
-                    consts=dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=dp, EVEN_D=(d == dp),
-                                DOT_DTYPE=("tl", dot), PRECISION=prec, EMULATE=False, **var),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    tensor_cores=(prec != "ieee" or dot != "float32"),
-                ))
+                out.append(
+                    dict(
+                        name=f"fwd_d{d}_{qd}_{nd}_{prec}{'_final' if var['FINALIZE'] else ''}_sm{cc}",
+                        kernel="infonce_fwd_split_kernel",
+                        cc=cc,
+                        types=dict(
+                            q_ptr="*" + TL_NAME[qd],
+                            k_ptr="*" + TL_NAME[qd],
+                            n_ptr="*" + TL_NAME[nd],
+                            m_ptr="*fp32",
+                            l_ptr="*fp32",
+                            o_ptr="*fp32",
+                            r_ptr="*i64" if var["FINALIZE"] else "*i32",
+                            pos_ptr="*fp32",
+                            B="i32",
+                            K="i32",
+                            d="i32",
+                            keys_per_split="i32",
+                            qk_scale="fp32",
+                        ),
+                        divisible=["B", "K", "keys_per_split"] + (["d"] if d % 16 == 0 else []),
+                        consts=dict(
+                            BLOCK_M=cfg.block_m,
+                            BLOCK_N=cfg.block_n,
+                            D_PAD=dp,
+                            EVEN_D=(d == dp),
+                            DOT_DTYPE=("tl", dot),
+                            PRECISION=prec,
+                            EMULATE=False,
+                            **var,
+                        ),
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                        tensor_cores=(prec != "ieee" or dot != "float32"),
+                    )
+                )
             if d in ((16, 128, 256) if cc == 90 else (128, 256)):
                 dcfg = H.bwd_dn_config(dp, dot, cap, precision=prec)
-                out.append(dict(
-                    name=f"dn_d{d}_{qd}_{nd}_{prec}_sm{cc}", kernel="infonce_bwd_negatives_kernel", cc=cc,
-                    types=dict(g_ptr="*fp32", q_ptr="*" + TL_NAME[qd], n_ptr="*" + TL_NAME[nd], lse_ptr="*fp32",
-                               dn_ptr="*" + TL_NAME[nd], B="i32", K="i32", d="i32", scale="fp32", qk_scale="fp32"),
-                    divisible=["B", "K"] + (["d"] if d % 16 == 0 else []),
-                    consts=dict(BLOCK_M=dcfg.block_m, BLOCK_N=dcfg.block_n, D_PAD=dp, EVEN_D=(d == dp),
-                                DOT_DTYPE=("tl", dot), PRECISION=prec, EMULATE=False),
-                    num_warps=dcfg.num_warps, num_stages=dcfg.num_stages,
-                    tensor_cores=(prec != "ieee" or dot != "float32"),
-                ))
+                out.append(
+                    dict(
+                        name=f"dn_d{d}_{qd}_{nd}_{prec}_sm{cc}",
+                        kernel="infonce_bwd_negatives_kernel",
+                        cc=cc,
+                        types=dict(
+                            g_ptr="*fp32",
+                            q_ptr="*" + TL_NAME[qd],
+                            n_ptr="*" + TL_NAME[nd],
+                            lse_ptr="*fp32",
+                            dn_ptr="*" + TL_NAME[nd],
+                            B="i32",
+                            K="i32",
+                            d="i32",
+                            scale="fp32",
+                            qk_scale="fp32",
+                        ),
+                        divisible=["B", "K"] + (["d"] if d % 16 == 0 else []),
+                        consts=dict(
+                            BLOCK_M=dcfg.block_m,
+                            BLOCK_N=dcfg.block_n,
+                            D_PAD=dp,
+                            EVEN_D=(d == dp),
+                            DOT_DTYPE=("tl", dot),
+                            PRECISION=prec,
+                            EMULATE=False,
+                        ),
+                        num_warps=dcfg.num_warps,
+                        num_stages=dcfg.num_stages,
+                        tensor_cores=(prec != "ieee" or dot != "float32"),
+                    )
+                )
     cc = 90
     for dp in (16, 128, 256):
         bms = H.combine_block_ms(dp)
         for bm in sorted({bms[0], bms[-1]}):
-            out.append(dict(
-                name=f"combine_dp{dp}_bm{bm}_sm{cc}", kernel="infonce_combine_kernel", cc=cc,
-                types=dict(m_ptr="*fp32", l_ptr="*fp32", o_ptr="*fp32", r_ptr="*i32", pos_ptr="*fp32",
-                           k_ptr="*bf16", lse_ptr="*fp32", out_ptr="*fp32", rank_ptr="*i64",
-                           B="i32", d="i32", num_splits="i32", qk_scale="fp32"),
-                divisible=["B", "d"], consts=dict(BLOCK_M=bm, BLOCK_S=H.combine_block_s(bm, dp), D_PAD=dp),
-                num_warps=4, num_stages=3,
-            ))
+            out.append(
+                dict(
+                    name=f"combine_dp{dp}_bm{bm}_sm{cc}",
+                    kernel="infonce_combine_kernel",
+                    cc=cc,
+                    types=dict(
+                        m_ptr="*fp32",
+                        l_ptr="*fp32",
+                        o_ptr="*fp32",
+                        r_ptr="*i32",
+                        pos_ptr="*fp32",
+                        k_ptr="*bf16",
+                        lse_ptr="*fp32",
+                        out_ptr="*fp32",
+                        rank_ptr="*i64",
+                        B="i32",
+                        d="i32",
+                        num_splits="i32",
+                        qk_scale="fp32",
+                    ),
+                    divisible=["B", "d"],
+                    consts=dict(BLOCK_M=bm, BLOCK_S=H.combine_block_s(bm, dp), D_PAD=dp),
+                    num_warps=4,
+                    num_stages=3,
+                )
+            )
         for dt in ("bf16", "fp32"):
-            out.append(dict(
-                name=f"bwd_qk_dp{dp}_{dt}_sm{cc}", kernel="infonce_bwd_qk_kernel", cc=cc,
-                types=dict(g_ptr="*fp32", q_ptr="*" + dt, k_ptr="*" + dt, lse_ptr="*fp32", out_ptr="*fp32",
-                           dq_ptr="*" + dt, dk_ptr="*" + dt, B="i32", d="i32", scale="fp32"),
-                divisible=["B", "d"], consts=dict(BLOCK_M=H.bwd_qk_block_m(dp), D_PAD=dp),
-                num_warps=4, num_stages=3,
-            ))
+            out.append(
+                dict(
+                    name=f"bwd_qk_dp{dp}_{dt}_sm{cc}",
+                    kernel="infonce_bwd_qk_kernel",
+                    cc=cc,
+                    types=dict(
+                        g_ptr="*fp32",
+                        q_ptr="*" + dt,
+                        k_ptr="*" + dt,
+                        lse_ptr="*fp32",
+                        out_ptr="*fp32",
+                        dq_ptr="*" + dt,
+                        dk_ptr="*" + dt,
+                        B="i32",
+                        d="i32",
+                        scale="fp32",
+                    ),
+                    divisible=["B", "d"],
+                    consts=dict(BLOCK_M=H.bwd_qk_block_m(dp), D_PAD=dp),
+                    num_warps=4,
+                    num_stages=3,
+                )
+            )
         for kd, qd, norm in (("fp32", "fp32", True), ("bf16", "fp16", False)):
-            out.append(dict(
-                name=f"enqueue_dp{dp}_{kd}_to_{qd}_norm{int(norm)}_sm{cc}", kernel="enqueue_kernel", cc=cc,
-                types=dict(queue_ptr="*" + qd, ptr_ptr="*i64", count_ptr="*i64", keys_ptr="*" + kd,
-                           ok_ptr="*u1", B="i32", K="i32", d="i32"),
-                divisible=["B", "K", "d"],
-                consts=dict(NORMALIZE=norm, COMPUTE=("tl", "float32"), BLOCK_R=H.enqueue_block_r(dp), D_PAD=dp),
-                num_warps=8, num_stages=3,
-            ))
+            out.append(
+                dict(
+                    name=f"enqueue_dp{dp}_{kd}_to_{qd}_norm{int(norm)}_sm{cc}",
+                    kernel="enqueue_kernel",
+                    cc=cc,
+                    types=dict(
+                        queue_ptr="*" + qd,
+                        ptr_ptr="*i64",
+                        count_ptr="*i64",
+                        keys_ptr="*" + kd,
+                        ok_ptr="*u1",
+                        B="i32",
+                        K="i32",
+                        d="i32",
+                    ),
+                    divisible=["B", "K", "d"],
+                    consts=dict(
+                        NORMALIZE=norm, COMPUTE=("tl", "float32"), BLOCK_R=H.enqueue_block_r(dp), D_PAD=dp
+                    ),
+                    num_warps=8,
+                    num_stages=3,
+                )
+            )
     for dt, long_name in (("fp32", "float32"), ("bf16", "bfloat16")):
-        out.append(dict(
-            name=f"momentum_flat_{dt}_sm{cc}", kernel="momentum_flat_kernel", cc=cc,
-            types=dict(t_ptr="*" + dt, s_ptr="*" + dt, N="i32", momentum="fp32"), divisible=["N"],
-            consts=dict(BLOCK=H.MOMENTUM_BLOCK), num_warps=H.MOMENTUM_WARPS, num_stages=3, vec128=True,
-        ))
-        for aligned in ((True, False) if dt == "fp32" else (True,)):
-            out.append(dict(
-                name=f"momentum_multi_{dt}_aligned{int(aligned)}_sm{cc}", kernel="momentum_multi_kernel", cc=cc,
-                types=dict(table_ptr="*i64", momentum="fp32"), divisible=[],
-                consts=dict(DTYPE=("tl", long_name), BLOCK=H.MOMENTUM_BLOCK, ALIGNED=aligned),
-                num_warps=H.MOMENTUM_WARPS, num_stages=3, vec128=aligned,
-            ))
+        out.append(
+            dict(
+                name=f"momentum_flat_{dt}_sm{cc}",
+                kernel="momentum_flat_kernel",
+                cc=cc,
+                types=dict(t_ptr="*" + dt, s_ptr="*" + dt, N="i32", momentum="fp32"),
+                divisible=["N"],
+                consts=dict(BLOCK=H.MOMENTUM_BLOCK),
+                num_warps=H.MOMENTUM_WARPS,
+                num_stages=3,
+                vec128=True,
+            )
+        )
+        for aligned in (True, False) if dt == "fp32" else (True,):
+            out.append(
+                dict(
+                    name=f"momentum_multi_{dt}_aligned{int(aligned)}_sm{cc}",
+                    kernel="momentum_multi_kernel",
+                    cc=cc,
+                    types=dict(table_ptr="*i64", momentum="fp32"),
+                    divisible=[],
+                    consts=dict(DTYPE=("tl", long_name), BLOCK=H.MOMENTUM_BLOCK, ALIGNED=aligned),
+                    num_warps=H.MOMENTUM_WARPS,
+                    num_stages=3,
+                    vec128=aligned,
+                )
+            )
     return out
 
 
@@ -137,12 +246,11 @@ def _cuobjdump() -> str | None:
 
 def _worker(out_path: str, shard: int = 0, num_shards: int = 1) -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    import moco_fast.kernels as KN
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    import moco_fast.kernels as KN
 
     assert KN.AVAILABLE and not KN.INTERPRETED, KN.IMPORT_ERROR
     from moco_fast.kernels import enqueue, infonce_bwd, infonce_combine, infonce_fwd, momentum
@@ -170,14 +278,22 @@ def _worker(out_path: str, shard: int = 0, num_shards: int = 1) -> None:
             signature[name] = ty
             if ty.startswith("*") or name in spec["divisible"]:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        res = dict(name=spec["name"], kernel=spec["kernel"], cc=spec["cc"], tensor_cores=spec.get("tensor_cores"),
-                   vec128=spec.get("vec128", False), num_warps=spec["num_warps"], num_stages=spec["num_stages"],
-                   consts={k: str(v) for k, v in consts.items()})
+        res = dict(
+            name=spec["name"],
+            kernel=spec["kernel"],
+            cc=spec["cc"],
+            tensor_cores=spec.get("tensor_cores"),
+            vec128=spec.get("vec128", False),
+            num_warps=spec["num_warps"],
+            num_stages=spec["num_stages"],
+            consts={k: str(v) for k, v in consts.items()},
+        )
         t0 = time.time()
         try:
             src = ASTSource(fn, signature, constexprs=consts, attrs=attrs)
             compiled = triton.compile(
-                src, target=GPUTarget("cuda", spec["cc"], 32),
+                src,
+                target=GPUTarget("cuda", spec["cc"], 32),
                 options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]),
             )
             res["shared"] = int(compiled.metadata.shared)
@@ -185,7 +301,9 @@ def _worker(out_path: str, shard: int = 0, num_shards: int = 1) -> None:
             with open(cubin, "wb") as fh:
                 fh.write(compiled.asm["cubin"])
             sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True).stdout
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+            usage = subprocess.run(
+                [cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True
+            ).stdout
             res["regs"] = int(m.group(1)) if (m := re.search(r"REG:(\d+)", usage)) else -1
             res["local"] = int(m.group(1)) if (m := re.search(r"LOCAL:(\d+)", usage)) else -1
             res["stack"] = int(m.group(1)) if (m := re.search(r"STACK:(\d+)", usage)) else -1
@@ -225,9 +343,21 @@ def compiled():
     env = dict(os.environ, TRITON_INTERPRET="0")
     shards = max(1, min(4, os.cpu_count() or 1))  # ptxas and LLVM are single-threaded
     procs = [
-        subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", os.path.join(tmp, f"{i}.json"),
-                          str(i), str(shards)], env=env, cwd=os.path.dirname(HERE),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--worker",
+                os.path.join(tmp, f"{i}.json"),
+                str(i),
+                str(shards),
+            ],
+            env=env,
+            cwd=os.path.dirname(HERE),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(shards)
     ]
     results = {}
@@ -254,7 +384,9 @@ def test_config_builds_fits_and_does_not_spill(compiled, name):
     assert "error" not in r, r.get("error")
     limit = SMEM_LIMIT[r["cc"]]
     assert r["shared"] <= limit, f"{name}: {r['shared']} B shared memory > {limit}"
-    assert r["ldl_stl"] == 0 and r["local"] == 0, f"{name}: spills (LDL/STL {r['ldl_stl']}, LOCAL {r['local']})"
+    assert r["ldl_stl"] == 0 and r["local"] == 0, (
+        f"{name}: spills (LDL/STL {r['ldl_stl']}, LOCAL {r['local']})"
+    )
     assert r["sass_lines"] > 10
 
 
