@@ -14,6 +14,8 @@ Functions follow the interface in ``moco_fast.backends``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 AVAILABLE = True
@@ -32,8 +34,23 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def infonce_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, scale: float, block: int | None = None):
-    """Single-pass forward: returns (lse (B,) fp32, out (B, d) fp32, rank (B,) int64)."""
+def infonce_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    negatives: torch.Tensor,
+    scale: float,
+    block: int | None = None,
+    need_rank: bool = True,
+):
+    """Single-pass forward: returns (lse (B,) fp32, out (B, d) fp32, rank (B,) int64).
+
+    With ``need_rank=False`` on CPU fp32 inputs, PyTorch's fused CPU flash-attention kernel does the
+    sweep (faster, see _fused_attention_negatives) and rank is returned filled with -1.
+    """
+    if not need_rank:
+        fused = _fused_attention_forward(q, k, negatives, scale)
+        if fused is not None:
+            return fused
     ct = _compute_dtype(q, k, negatives)
     qs = q.to(ct) * scale  # fold 1/T into q once: logits = qs · x
     kf = k.to(ct)
@@ -44,18 +61,52 @@ def infonce_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, s
     rank = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     num_keys = negatives.shape[0]
     block = block or block_size(q.shape[0], num_keys)
+    # One score tile reused by every block (the last one may be narrower): memory stays O(B·block).
+    tile = torch.empty((q.shape[0], min(block, num_keys)), dtype=ct, device=q.device)
     for start in range(0, num_keys, block):
         keys = negatives[start : start + block].to(ct)
-        scores = qs @ keys.T  # (B, block)
-        rank += (scores > pos[:, None]).sum(dim=1)
+        scores = tile[:, : keys.shape[0]]
+        torch.mm(qs, keys.T, out=scores)
+        if need_rank:
+            rank += (scores > pos[:, None]).sum(dim=1)
         new_max = torch.maximum(row_max, scores.amax(dim=1))
         correction = torch.exp(row_max - new_max)
         probs = scores.sub_(new_max[:, None]).exp_()  # in place: the scores are not needed any more
-        row_sum = row_sum * correction + probs.sum(dim=1)
-        acc = torch.addmm(acc * correction[:, None], probs, keys)
+        row_sum.mul_(correction).add_(probs.sum(dim=1))
+        acc.mul_(correction[:, None]).addmm_(probs, keys)
         row_max = new_max
     lse = row_max + torch.log(row_sum)
-    out = acc / row_sum[:, None]
+    out = acc.div_(row_sum[:, None])
+    if not need_rank:
+        rank.fill_(-1)
+    return lse, out, rank
+
+
+# PyTorch's CPU flash-attention kernel returns (O, logsumexp) over a shared key set, which is the
+# negatives' part of the single pass; it is a private aten op, so it is used behind this guard and
+# any failure falls back to the blockwise loop. Set MOCO_FAST_CPU_FUSED_ATTENTION=0 to disable it.
+_FUSED_ATTENTION_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fused_attention_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, scale: float):
+    """(lse, out, rank=-1) via the fused CPU attention kernel plus an analytic merge of the positive, or None."""
+    if (
+        _FUSED_ATTENTION_OP is None
+        or os.environ.get("MOCO_FAST_CPU_FUSED_ATTENTION", "1") == "0"
+        or q.device.type != "cpu"
+        or negatives.shape[0] == 0
+        or any(t.dtype != torch.float32 for t in (q, k, negatives))
+    ):
+        return None
+    try:
+        out_neg, lse_neg = _FUSED_ATTENTION_OP(q[None, None], negatives[None, None], negatives[None, None], scale=scale)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    out_neg, lse_neg = out_neg.reshape(q.shape), lse_neg.reshape(q.shape[0])
+    pos = (q * scale * k).sum(dim=1)
+    lse = torch.logaddexp(lse_neg, pos)
+    out = out_neg * torch.exp(lse_neg - lse)[:, None] + k * torch.exp(pos - lse)[:, None]
+    rank = torch.full((q.shape[0],), -1, dtype=torch.int64)
     return lse, out, rank
 
 
@@ -87,15 +138,35 @@ def infonce_backward_negatives(
     return dn
 
 
+# Elements of the temporary `source·(1 − m)` per fused call: bounded so that a ResNet-50 update does
+# not allocate (and page-fault) a model-sized buffer every step.
+_MOMENTUM_CHUNK = 1 << 20
+
+
+def _chunks(targets: list[torch.Tensor], sources: list[torch.Tensor]):
+    """Consecutive runs of (targets, sources) with about _MOMENTUM_CHUNK elements each."""
+    begin, size = 0, 0
+    for i, t in enumerate(targets):
+        size += t.numel()
+        if size >= _MOMENTUM_CHUNK:
+            yield targets[begin : i + 1], sources[begin : i + 1]
+            begin, size = i + 1, 0
+    if begin < len(targets):
+        yield targets[begin:], sources[begin:]
+
+
 @torch.no_grad()
 def momentum_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float) -> None:
     """target ← target·m + source·(1 − m) for each pair, the official formula and rounding, in fused foreach ops."""
     if not targets:
         return
     if targets[0].dtype in (torch.float32, torch.float64):
-        # Same two roundings as the official `p_k * m + p_q * (1 - m)`; _foreach ops fuse the list.
-        torch._foreach_mul_(targets, momentum)
-        torch._foreach_add_(targets, torch._foreach_mul(sources, 1.0 - momentum))
+        # Same two roundings as the official `p_k * m + p_q * (1 - m)` (an alpha-add would fuse
+        # them into one FMA and differ in the last bit); _foreach ops fuse each chunk of the list.
+        for tgt, src in _chunks(targets, sources):
+            scaled = torch._foreach_mul(src, 1.0 - momentum)
+            torch._foreach_mul_(tgt, momentum)
+            torch._foreach_add_(tgt, scaled)
     else:  # half types: compute in fp32, round once
         for t, s in zip(targets, sources):
             t.copy_(t.float().mul_(momentum).add_(s.float() * (1.0 - momentum)))
@@ -104,6 +175,13 @@ def momentum_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], m
 @torch.no_grad()
 def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Ring write of ``keys`` at rows (ptr + i) mod K, all-or-nothing on non-finite keys; no host sync."""
+    if queue.device.type == "cpu":
+        return _enqueue_host_(queue, ptr, count, keys, normalize)
+    return _enqueue_device_(queue, ptr, count, keys, normalize)
+
+
+def _enqueue_device_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool):
+    """Device enqueue: the pointer stays on the device; a rejected batch rewrites the old rows."""
     size = queue.shape[0]
     batch = keys.shape[0]
     ok = torch.isfinite(keys).all().reshape(1)
@@ -118,3 +196,17 @@ def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: 
     ptr.copy_((ptr + step) % size)
     count.copy_(torch.clamp(count + step, max=size))
     return ok
+
+
+def _enqueue_host_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool):
+    """CPU enqueue: reading ptr costs no sync here, so write at most two slices directly."""
+    ok = bool(torch.isfinite(keys).all())
+    if ok:
+        size, batch, start = queue.shape[0], keys.shape[0], int(ptr[0])
+        new = torch.nn.functional.normalize(keys.float(), dim=1) if normalize else keys
+        first = min(batch, size - start)
+        queue[start : start + first] = new[:first]
+        queue[: batch - first] = new[first:]
+        ptr[0] = (start + batch) % size
+        count[0] = min(int(count[0]) + batch, size)
+    return torch.tensor([ok])

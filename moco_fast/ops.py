@@ -89,9 +89,13 @@ def _check_info_nce_inputs(q: Tensor, k: Tensor, negatives: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward_impl(q: Tensor, k: Tensor, negatives: Tensor, scale: float, impl: str):
+def _forward_impl(q: Tensor, k: Tensor, negatives: Tensor, scale: float, impl: str, need_rank: bool):
     module = backends.implementation(impl)
-    lse, out, rank = module.infonce_forward(q, k, negatives, scale)
+    if impl == "torch":
+        # Only the torch backend has a faster path without the rank (the kernels count it for free).
+        lse, out, rank = module.infonce_forward(q, k, negatives, scale, need_rank=need_rank)
+    else:
+        lse, out, rank = module.infonce_forward(q, k, negatives, scale)
     compute = lse.dtype
     # Same rounding as the torch backend's positive logit, so K = 0 gives exactly 0 there.
     loss = lse - (q.to(compute) * scale * k.to(compute)).sum(dim=1)
@@ -99,9 +103,14 @@ def _forward_impl(q: Tensor, k: Tensor, negatives: Tensor, scale: float, impl: s
 
 
 @torch.library.custom_op("moco_fast::info_nce_forward", mutates_args=())
-def info_nce_forward(q: Tensor, k: Tensor, negatives: Tensor, scale: float, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-row loss (B,), lse (B,), O (B, d) and rank (B,) int64 of InfoNCE; see moco_fast.backends."""
-    return _forward_impl(q.contiguous(), k.contiguous(), negatives.contiguous(), scale, impl)
+def info_nce_forward(
+    q: Tensor, k: Tensor, negatives: Tensor, scale: float, impl: str, need_rank: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss (B,), lse (B,), O (B, d) and rank (B,) int64 of InfoNCE; see moco_fast.backends.
+
+    With ``need_rank=False`` a backend may skip the rank and return -1s.
+    """
+    return _forward_impl(q.contiguous(), k.contiguous(), negatives.contiguous(), scale, impl, need_rank)
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -109,7 +118,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 @info_nce_forward.register_fake
-def _(q, k, negatives, scale, impl):
+def _(q, k, negatives, scale, impl, need_rank=True):
     ct = _compute_dtype(q, k, negatives)
     rows = q.shape[0]
     return (
@@ -144,7 +153,7 @@ def _(grad, q, negatives, lse, scale, impl):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, negatives, scale, impl = inputs
+    q, k, negatives, scale, impl, _ = inputs
     _, lse, out, rank = output
     ctx.scale, ctx.impl = scale, impl
     ctx.negatives_need_grad = negatives.requires_grad
@@ -162,7 +171,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_out, grad_rank):
     dn = None
     if ctx.negatives_need_grad:
         dn = info_nce_backward_negatives(grad_loss, q, negatives, lse, ctx.scale, ctx.impl)
-    return dq, dk, dn, None, None
+    return dq, dk, dn, None, None, None
 
 
 info_nce_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -228,7 +237,7 @@ def info_nce(
         frozen = negatives if negatives.requires_grad else negatives.detach().clone()
         loss, lse, rank = reference_info_nce(q, k, frozen, temperature, reduction="none")
     else:
-        loss, lse, _, rank = info_nce_forward(q, k, negatives, 1.0 / temperature, impl)
+        loss, lse, _, rank = info_nce_forward(q, k, negatives, 1.0 / temperature, impl, return_stats)
     loss = _reduce(loss, reduction)
     if not return_stats:
         return loss

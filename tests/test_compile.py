@@ -109,9 +109,9 @@ def _spy(monkeypatch):
         calls["reference"] += 1
         return real_reference(*args, **kwargs)
 
-    def op(q, k, n, scale, impl):
+    def op(q, k, n, scale, impl, *rest):
         calls["op"].append(impl)
-        return real_op(q, k, n, scale, impl)
+        return real_op(q, k, n, scale, impl, *rest)
 
     monkeypatch.setattr(ops, "reference_info_nce", reference)
     monkeypatch.setattr(ops, "info_nce_forward", op)

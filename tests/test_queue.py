@@ -396,3 +396,32 @@ def test_device_mismatch_raises():
 def test_constructor_checks(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         KeyQueue(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# the torch backend's two write paths (host pointer on CPU, device pointer elsewhere), both on CPU
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["_enqueue_host_", "_enqueue_device_"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_torch_enqueue_paths_match_ring_model_and_reject_nan(path, normalize):
+    from moco_fast import chunked
+
+    write = getattr(chunked, path)
+    size, dim = 10, 6
+    queue = torch.full((size, dim), float("nan"), dtype=torch.bfloat16)
+    ptr, count = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    model = RingModel(size, dim)
+    for batch in (3, 7, 1, 10, 4, 9, 2):
+        keys = torch.randn(batch, dim) * 3
+        assert bool(write(queue, ptr, count, keys, normalize).item())
+        written = F.normalize(keys, dim=1) if normalize else keys
+        model.enqueue(written.to(torch.bfloat16).float())
+        assert ptr.tolist() == [model.ptr] and count.tolist() == [model.count]
+        assert torch.equal(queue[: model.count].float(), model.negatives())
+    before = (queue.clone(), ptr.clone(), count.clone())
+    bad = torch.randn(4, dim)
+    bad[2, 1] = float("inf")
+    assert not bool(write(queue, ptr, count, bad, normalize).item())
+    assert all(torch.equal(a, b) for a, b in zip(before, (queue, ptr, count)))
