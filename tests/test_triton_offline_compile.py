@@ -44,10 +44,10 @@ def specs():
     for cc in (90, 80):
         cap = (cc // 10, cc % 10)
         for d, qd, nd, prec in H.all_fwd_keys():
-            if cc == 80 and (d in (16, 32, 96) or (prec == "ieee" and d != 256)):
-                continue  # sm_80 is the secondary target: its distinct tiles only
             dp = H.d_pad(d)
             dot = H.dot_dtype_name(qd, nd)
+            if cc == 80 and (d in (16, 32, 96) or (dot == "float32" and prec == "ieee" and d != 256)):
+                continue  # sm_80 is the secondary target: its distinct tiles only
             cfg = H.fwd_config(dp, dot, cap, precision=prec)
             variants = [dict(FINALIZE=False, EVEN_K=True)]
             if H.fuse_single_split(dp, dot, cap):
