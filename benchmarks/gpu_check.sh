@@ -7,6 +7,7 @@
 #   2. the GPU tests: pytest -m "not slow" -k "gpu or cuda or triton" (minus the offline-compile test)
 #   3. benchmarks/gpu_bench_kernels.py: ceilings, InfoNCE fwd+bwd per backend, momentum, enqueue
 #      -> benchmarks/results/gpu_<date>.json (+ a copy in $OUT when set), one short table
+#   3b. the peer benchmarks bench_infonce.py / bench_momentum.py / bench_queue.py with --device cuda
 #   4. optionally (GPU_CHECK_AUTOTUNE=1) the triton forward autotuner
 #
 #   bash benchmarks/gpu_check.sh              # the full check: ~5 min expected, step caps sum to 12 min
@@ -61,6 +62,14 @@ timeout 200 "$PY" -m pytest -q -m "not slow" tests/ -k "(gpu or cuda or triton) 
 step "benchmark"
 BENCH_JSON="benchmarks/results/gpu_${STAMP}.json"
 timeout 240 "$PY" benchmarks/gpu_bench_kernels.py --out "$BENCH_JSON" || { echo "!!! benchmark rc=$?"; status=1; }
+
+step "peer benchmarks (bench_infonce / bench_momentum / bench_queue on the GPU)"
+timeout 100 "$PY" benchmarks/bench_infonce.py --device cuda --dtype bf16 \
+    --json "benchmarks/results/gpu_infonce_${STAMP}.json" || { echo "!!! bench_infonce rc=$?"; status=1; }
+timeout 50 "$PY" benchmarks/bench_momentum.py --device cuda --quick \
+    --json "benchmarks/results/gpu_momentum_${STAMP}.json" || { echo "!!! bench_momentum rc=$?"; status=1; }
+timeout 30 "$PY" benchmarks/bench_queue.py --device cuda \
+    --json "benchmarks/results/gpu_queue_${STAMP}.json" || { echo "!!! bench_queue rc=$?"; status=1; }
 
 if [[ "${GPU_CHECK_AUTOTUNE:-0}" == "1" ]]; then
     step "triton autotune (bf16 forward)"
