@@ -359,10 +359,11 @@ class CutCrossEntropy(Row):
 
 
 class MocoFast(Row):
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, stats: bool = False):
         super().__init__()
         self.backend = backend
-        self.name = f"moco_fast[{backend}]"
+        self.stats = stats  # return_stats=True: the rank (acc@1/acc@5) too, as MoCoHead asks for
+        self.name = f"moco_fast[{backend}{'+stats' if stats else ''}]"
 
     def available(self, case):
         import moco_fast.backends as backends
@@ -382,13 +383,18 @@ class MocoFast(Row):
         self.temperature = case.temperature
         self.low_precision = case.dtype != torch.float32 and self.backend != "torch"
         notes = {
-            "torch": "single pass, blockwise PyTorch ops (moco_fast/chunked.py)",
+            "torch": "without stats: PyTorch's fused CPU attention + positive merge (moco_fast/chunked.py)"
+            if case.device.type == "cpu"
+            else "single pass, blockwise PyTorch ops (moco_fast/chunked.py)",
+            "torch+stats": "single pass with rank, blockwise PyTorch ops (moco_fast/chunked.py)",
             "triton": "single pass, Triton kernels",
             "cuda": "single pass, CUDA extension moco_fast._C",
         }
-        self.note = notes.get(self.backend, "")
+        self.note = notes.get(self.backend + ("+stats" if self.stats and self.backend == "torch" else ""), "")
 
     def forward(self, state, q, k, n):
+        if self.stats:
+            return self.fn(q, k, n, self.temperature, backend=self.backend, return_stats=True)[0]
         return self.fn(q, k, n, self.temperature, backend=self.backend)
 
 
@@ -403,6 +409,7 @@ def all_rows(device: torch.device) -> list[Row]:
     for b in ("cuda", "triton", "torch"):
         if b in backends or (b == "triton" and device.type == "cpu"):
             rows.append(MocoFast(b))
+    rows.append(MocoFast("torch", stats=True))
     return rows
 
 
@@ -411,7 +418,7 @@ def select_rows(rows: list[Row], wanted: list[str] | None) -> list[Row]:
         return rows
     chosen = []
     for row in rows:
-        short = row.name.removeprefix("moco_fast[").removesuffix("]")
+        short = row.name.removeprefix("moco_fast[").removesuffix("]").removesuffix("+stats")
         if (
             row.name in wanted
             or short in wanted
