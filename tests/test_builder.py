@@ -25,7 +25,7 @@ def test_official_constructor_and_attributes():
     assert (model.K, model.m, model.T) == (64, 0.99, 0.1)
     fc = model.encoder_q.fc
     assert isinstance(fc, nn.Sequential) and isinstance(fc[0], nn.Linear) and isinstance(fc[1], nn.ReLU)
-    assert fc[0].in_features == fc[0].out_features == 16 and fc[2].out_features == 16
+    assert fc[0].in_features == fc[0].out_features == fc[2].in_features and fc[2].out_features == 16
     q_params = dict(model.encoder_q.named_parameters())
     for name, p in model.encoder_k.named_parameters():
         assert not p.requires_grad

@@ -38,7 +38,7 @@ def test_presets():
     assert (v1.temperature, v1.momentum, v1.mlp, v1.blur_prob) == (0.07, 0.999, False, 0.0)
     assert (v2.temperature, v2.momentum, v2.mlp, v2.lr_schedule) == (0.2, 0.999, True, "cosine") and v2.blur_prob > 0
     default = resolve({})
-    assert default.preset == "mnist" and default.model == "cnn" and default.queue_size <= 4000
+    assert default.preset == "mnist" and default.model == "cnn" and default.queue_size <= 4000 and default.bn_splits > 1
     assert resolve({"cifar10": "x"}).preset == "cifar" and resolve({"data": "x"}).preset == "mocov2"
     assert resolve({"preset": "mocov1", "temperature": 0.5}).temperature == 0.5  # override wins
     assert set(PRESETS) == {"mocov1", "mocov2", "cifar", "mnist"}
