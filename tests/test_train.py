@@ -198,6 +198,12 @@ def test_resume_without_rng_state_differs(tmp_path, monkeypatch):
     assert not all(torch.equal(v, b["model"][k]) for k, v in a["model"].items() if isinstance(v, torch.Tensor))
 
 
+def test_resume_rejects_another_configuration(tmp_path):
+    train(tiny(tmp_path, "run", epochs=1))
+    with pytest.raises(ConfigError, match="does not match"):
+        train(tiny(tmp_path, "run", epochs=2, queue_size=64, resume="auto"))
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ck.pt")
     ckpt_io.atomic_save({"format": ckpt_io.FORMAT_VERSION, "value": torch.arange(3)}, path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .models import MODELS
 
@@ -80,7 +80,6 @@ class TrainConfig:
     backend: str = "auto"                # moco_fast backend for the head, momentum and queue
     threads: int = 0                     # torch.set_num_threads (0: torch's default)
     channels_last: bool = False
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

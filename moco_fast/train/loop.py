@@ -252,8 +252,12 @@ class Trainer:
         if state["world_size"] != self.rt.world:
             raise ConfigError(f"{path} was written by {state['world_size']} process(es); resume with as many "
                               f"(now {self.rt.world}) to continue exactly")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"{path} does not match this configuration (model, queue or optimizer differ): "
+                              f"{str(exc).splitlines()[0]}") from exc
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
@@ -428,8 +432,8 @@ class Trainer:
             self.history.append({"epoch": 0, "step": 0, "knn": self.baselines.get("knn_random_init", float("nan")),
                                  "elapsed_s": self.elapsed()})
         self.model.train()
-        stopped = False
-        while self.epoch < cfg.epochs:
+        stopped = bool(cfg.max_steps and self.global_step >= cfg.max_steps and self.epoch < cfg.epochs)
+        while self.epoch < cfg.epochs and not stopped:
             if not self._train_epoch():
                 stopped = True
                 break
