@@ -42,7 +42,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_available(name: str) -> bool:
     """Whether backend ``name`` can run somewhere in this process (import succeeds)."""
     if name in ("torch", "reference"):

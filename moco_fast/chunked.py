@@ -99,7 +99,9 @@ def _fused_attention_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.
     ):
         return None
     try:
-        out_neg, lse_neg = _FUSED_ATTENTION_OP(q[None, None], negatives[None, None], negatives[None, None], scale=scale)
+        out_neg, lse_neg = _FUSED_ATTENTION_OP(
+            q[None, None], negatives[None, None], negatives[None, None], scale=scale
+        )
     except (RuntimeError, TypeError, NotImplementedError):
         return None
     out_neg, lse_neg = out_neg.reshape(q.shape), lse_neg.reshape(q.shape[0])
@@ -110,7 +112,9 @@ def _fused_attention_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.
     return lse, out, rank
 
 
-def infonce_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, scale: float):
+def infonce_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, scale: float
+):
     """O(B·d) backward from the saved lse and O: returns (dq in q.dtype, dk in k.dtype)."""
     ct = _compute_dtype(q, k, lse)
     qf, kf = q.to(ct), k.to(ct)
@@ -122,7 +126,12 @@ def infonce_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: 
 
 
 def infonce_backward_negatives(
-    grad: torch.Tensor, q: torch.Tensor, negatives: torch.Tensor, lse: torch.Tensor, scale: float, block: int | None = None
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    negatives: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    block: int | None = None,
 ) -> torch.Tensor:
     """dn_j = scale·Σ_i g_i·softmax_ij·q_i, recomputing the logits block by block: (K, d) in negatives.dtype."""
     ct = _compute_dtype(q, negatives, lse)
@@ -173,14 +182,18 @@ def momentum_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], m
 
 
 @torch.no_grad()
-def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool) -> torch.Tensor:
+def enqueue_(
+    queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool
+) -> torch.Tensor:
     """Ring write of ``keys`` at rows (ptr + i) mod K, all-or-nothing on non-finite keys; no host sync."""
     if queue.device.type == "cpu":
         return _enqueue_host_(queue, ptr, count, keys, normalize)
     return _enqueue_device_(queue, ptr, count, keys, normalize)
 
 
-def _enqueue_device_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool):
+def _enqueue_device_(
+    queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool
+):
     """Device enqueue: the pointer stays on the device; a rejected batch rewrites the old rows."""
     size = queue.shape[0]
     batch = keys.shape[0]
@@ -198,7 +211,9 @@ def _enqueue_device_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor
     return ok
 
 
-def _enqueue_host_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool):
+def _enqueue_host_(
+    queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool
+):
     """CPU enqueue: reading ptr costs no sync here, so write at most two slices directly."""
     ok = bool(torch.isfinite(keys).all())
     if ok:

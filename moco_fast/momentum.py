@@ -57,7 +57,9 @@ class MomentumEncoder(nn.Module):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be None, 'constant' or 'cosine', got {schedule!r}")
         self.final_momentum = check_momentum(final_momentum)
-        if schedule == "cosine" and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
+        if schedule == "cosine" and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
             raise ValueError(f"schedule='cosine' needs total_steps, a positive int; got {total_steps!r}")
         self.schedule = schedule
         self.total_steps = total_steps

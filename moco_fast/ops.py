@@ -49,7 +49,9 @@ def check_matrix(x: object, name: str, dim: int | None = None) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {x.dtype}")
+        raise TypeError(
+            f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {x.dtype}"
+        )
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
@@ -60,7 +62,9 @@ def check_matrix(x: object, name: str, dim: int | None = None) -> Tensor:
 def check_temperature(temperature: object) -> float:
     if isinstance(temperature, Tensor):
         if temperature.numel() != 1:
-            raise ValueError(f"temperature must be a number, got a tensor of shape {tuple(temperature.shape)}")
+            raise ValueError(
+                f"temperature must be a number, got a tensor of shape {tuple(temperature.shape)}"
+            )
         temperature = float(temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")
@@ -130,9 +134,13 @@ def _(q, k, negatives, scale, impl, need_rank=True):
 
 
 @torch.library.custom_op("moco_fast::info_nce_backward", mutates_args=())
-def info_nce_backward(grad: Tensor, q: Tensor, k: Tensor, lse: Tensor, out: Tensor, scale: float, impl: str) -> tuple[Tensor, Tensor]:
+def info_nce_backward(
+    grad: Tensor, q: Tensor, k: Tensor, lse: Tensor, out: Tensor, scale: float, impl: str
+) -> tuple[Tensor, Tensor]:
     """(dq, dk) from the saved lse and O: dq = g/T·(O − k), dk = g/T·(p0 − 1)·q."""
-    return backends.implementation(impl).infonce_backward(grad.contiguous(), q.contiguous(), k.contiguous(), lse, out, scale)
+    return backends.implementation(impl).infonce_backward(
+        grad.contiguous(), q.contiguous(), k.contiguous(), lse, out, scale
+    )
 
 
 @info_nce_backward.register_fake
@@ -141,10 +149,14 @@ def _(grad, q, k, lse, out, scale, impl):
 
 
 @torch.library.custom_op("moco_fast::info_nce_backward_negatives", mutates_args=())
-def info_nce_backward_negatives(grad: Tensor, q: Tensor, negatives: Tensor, lse: Tensor, scale: float, impl: str) -> Tensor:
+def info_nce_backward_negatives(
+    grad: Tensor, q: Tensor, negatives: Tensor, lse: Tensor, scale: float, impl: str
+) -> Tensor:
     """dn (K, d): recomputes the logits blockwise; only runs when the negatives require grad."""
     module = backends.implementation(impl)
-    return module.infonce_backward_negatives(grad.contiguous(), q.contiguous(), negatives.contiguous(), lse, scale)
+    return module.infonce_backward_negatives(
+        grad.contiguous(), q.contiguous(), negatives.contiguous(), lse, scale
+    )
 
 
 @info_nce_backward_negatives.register_fake
@@ -195,7 +207,9 @@ def _kernel_impl(backend: str, *tensors: Tensor) -> str:
     if impl in ("triton", "cuda"):
         for t in tensors:
             if t.dtype not in _KERNEL_DTYPES:
-                raise TypeError(f"backend {impl!r} supports float32, bfloat16 and float16 inputs, got {t.dtype}")
+                raise TypeError(
+                    f"backend {impl!r} supports float32, bfloat16 and float16 inputs, got {t.dtype}"
+                )
     return impl
 
 
@@ -262,7 +276,9 @@ def _as_tensor_list(x: torch.nn.Module | Iterable[Tensor], name: str) -> list[Te
     try:
         tensors = [t.data if isinstance(t, torch.nn.Parameter) else t for t in x]
     except TypeError:
-        raise TypeError(f"{name} must be an nn.Module or a sequence of tensors, got {type(x).__name__}") from None
+        raise TypeError(
+            f"{name} must be an nn.Module or a sequence of tensors, got {type(x).__name__}"
+        ) from None
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
@@ -277,7 +293,9 @@ def check_momentum(momentum: object) -> float:
     return float(momentum)
 
 
-def group_pairs(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> dict[tuple, tuple[list[Tensor], list[Tensor]]]:
+def group_pairs(
+    targets: Sequence[Tensor], sources: Sequence[Tensor]
+) -> dict[tuple, tuple[list[Tensor], list[Tensor]]]:
     """Check target/source pairs and group them by (device, dtype, contiguity) for one launch per group."""
     if len(targets) != len(sources):
         raise ValueError(f"target has {len(targets)} tensors but source has {len(sources)}")
@@ -288,7 +306,9 @@ def group_pairs(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> dict[tu
         if t.device != s.device:
             raise ValueError(f"target[{i}] is on {t.device} but source[{i}] is on {s.device}")
         if not t.is_floating_point() or not s.is_floating_point():
-            raise TypeError(f"target[{i}] and source[{i}] must be floating tensors, got {t.dtype} and {s.dtype}")
+            raise TypeError(
+                f"target[{i}] and source[{i}] must be floating tensors, got {t.dtype} and {s.dtype}"
+            )
         if t.dtype != s.dtype:
             raise TypeError(f"target[{i}] is {t.dtype} but source[{i}] is {s.dtype}")
         key = (t.device, t.dtype, t.is_contiguous() and s.is_contiguous())

@@ -20,7 +20,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture(autouse=True)
 def _seed_and_precision():
     """Random data every run, but reproducible within a test; IEEE fp32 dots unless a test asks."""
-    torch.manual_seed(torch.randint(0, 2**31 - 1, ()).item() if os.environ.get("MOCO_FAST_RANDOM_SEED") else 1234)
+    torch.manual_seed(
+        torch.randint(0, 2**31 - 1, ()).item() if os.environ.get("MOCO_FAST_RANDOM_SEED") else 1234
+    )
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     yield
