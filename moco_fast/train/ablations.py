@@ -51,9 +51,9 @@ def run_study(name: str, values: list, seeds: list[int], epochs: int, runs_dir: 
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def write(result: dict, out: str) -> None:
+def write(result: dict, out: str, filename: str | None = None) -> None:
     name, field = result["study"], result["field"]
-    base = os.path.join(out, f"train_ablation_{name}")
+    base = os.path.join(out, filename or f"train_ablation_{name}")
     atomic_write_text(json.dumps(result, indent=2) + "\n", base + ".json")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -79,7 +79,9 @@ def write(result: dict, out: str) -> None:
     ax.set_xticks(range(len(xs)), xs)
     ax.set_xlabel(field)
     ax.set_ylabel("held-out kNN top-1")
-    ax.set_title(f"MNIST-5k, {name} ablation ({len(result['seeds'])} seeds)", fontsize=9)
+    extra = ", ".join(f"{k}={v}" for k, v in result["extra"].items())
+    ax.set_title(f"MNIST-5k, {name} ablation, preset {result['preset']}{', ' + extra if extra else ''} "
+                 f"({len(result['seeds'])} seeds)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
     p.add_argument("--out", default="benchmarks/results", help="folder of the table and plot")
     p.add_argument("--runs-dir", default="runs/ablations", help="folder of the individual runs' logs")
+    p.add_argument("--name", default=None, help="file name of the table and plot (default train_ablation_STUDY)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field of every run (repeatable), e.g. --set batch_size=64")
     args = p.parse_args(argv)
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             extra[key] = raw
     result = run_study(args.study, values, [int(s) for s in args.seeds.split(",")], args.epochs, args.runs_dir, extra)
-    write(result, args.out)
+    write(result, args.out, args.name)
     for r in result["rows"]:
         print(f"{field}={r[field]}: kNN {r['knn_mean']:.4f} ± {r['knn_std']:.4f}")
     return 0

@@ -43,7 +43,7 @@ class TrainConfig:
     bn_splits: int = 2                   # single-process shuffle-BN emulation (key batch in N chunks)
     queue_dtype: str = "float32"
     # --- optimization
-    epochs: int = 40
+    epochs: int = 50
     batch_size: int = 64                 # per process
     lr: float = 0.12
     weight_decay: float = 5e-4
@@ -103,12 +103,13 @@ PRESETS: dict[str, dict] = {
     # MoCo v2 tuned for MNIST-5k on a 2-core CPU (see the README): small CNN, short cosine schedule.
     "mnist": dict(
         model="cnn", width=16, dim=128, queue_size=2048, temperature=0.2, momentum=0.99, mlp=True, aug="v2",
-        epochs=40, batch_size=64, lr=0.12, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0,
+        epochs=50, batch_size=64, lr=0.12, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0,
         crop_min=0.6, rotation=10.0, shear=0.0, blur_prob=0.5, blur_sigma=1.0, brightness=0.0, contrast=0.0,
         erase_prob=0.0, bn_splits=2, symmetric=False, momentum_schedule="constant",
         # This CNN at batch 64 gains nothing from a second thread (measured: 131 s with 1, 133 s with 2),
         # and one thread keeps a busy machine's other core free; --threads 0 gives torch's default.
         threads=1,
+        channels_last=True,  # 13% faster here, still fp32
     ),
 }
 
@@ -210,7 +211,7 @@ _EPILOG = """presets (defaults: mnist without data flags, cifar with --cifar10, 
   mocov1  MoCo v1: ResNet-50, linear fc, T 0.07, m 0.999, K 65536, step lr 0.03, v1 augmentation
   mocov2  MoCo v2: as mocov1 with an MLP head, T 0.2, blur, cosine lr
   cifar   MoCo CIFAR demo: ResNet-18 CIFAR stem, K 4096, m 0.99, T 0.1, lr 0.06, wd 5e-4, bn-splits 8
-  mnist   MoCo v2 tuned for MNIST-5k on a CPU: small CNN, K 2048, m 0.99, T 0.2, lr 0.12, batch 64, 40 epochs
+  mnist   MoCo v2 tuned for MNIST-5k on a CPU: small CNN, K 2048, m 0.99, T 0.2, lr 0.12, batch 64, 50 epochs
 flags marked (preset) take the preset's value unless given; --print-config shows the result.
 
 examples:
