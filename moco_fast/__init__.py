@@ -7,9 +7,12 @@ The public API, nothing else:
 * :class:`KeyQueue` — the ring buffer of keys (device-side pointer, wrap-around, NaN-safe).
 * :class:`MoCoHead` — normalize, InfoNCE against [k; queue], enqueue: a drop-in for the official code.
 * :func:`concat_all_gather`, :func:`batch_shuffle_ddp`, :func:`batch_unshuffle_ddp` — DDP helpers.
+* :class:`MoCo` — the official MoCo builder's constructor on top of the above (forward returns
+  ``(loss, stats)``, not logits and labels).
 """
 
 from .backends import available_backends
+from .builder import MoCo
 from .distributed import batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather
 from .head import MoCoHead
 from .momentum import MomentumEncoder, cosine_momentum
@@ -21,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "InfoNCEStats",
     "KeyQueue",
+    "MoCo",
     "MoCoHead",
     "MomentumEncoder",
     "NonFiniteKeysError",
