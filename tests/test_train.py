@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("mlxtend")
 
-from moco_fast.train import ConfigError, PRESETS, resolve, train  # noqa: E402
+from moco_fast.train import PRESETS, ConfigError, resolve, train  # noqa: E402
 from moco_fast.train import checkpoint as ckpt_io  # noqa: E402
 from moco_fast.train.__main__ import main  # noqa: E402
 from moco_fast.train.augment import AugmentConfig, BatchAugment  # noqa: E402
@@ -185,7 +185,8 @@ def test_resume_continues_exactly(tmp_path, stop):
     assert not first["finished"] and first["global_step"] == stop
     resumed = train(tiny(tmp_path, "parts", resume="auto", **RESUME_KW))
     assert resumed["finished"] and resumed["resumed_from"].endswith("checkpoint.pt")
-    _assert_same_run(_final_state(tmp_path / "full" / "checkpoint.pt"), _final_state(tmp_path / "parts" / "checkpoint.pt"))
+    full, parts = tmp_path / "full" / "checkpoint.pt", tmp_path / "parts" / "checkpoint.pt"
+    _assert_same_run(_final_state(full), _final_state(parts))
 
 
 def test_resume_without_rng_state_differs(tmp_path, monkeypatch):

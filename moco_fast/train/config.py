@@ -183,7 +183,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.queue_size < cfg.batch_size * (2 if cfg.symmetric else 1):
         raise ConfigError(
             f"queue_size {cfg.queue_size} is smaller than the batch ({cfg.batch_size}"
-            f"{' x 2 views, symmetric' if cfg.symmetric else ''}); the queue must hold at least one global batch of keys"
+            f"{' x 2 views, symmetric' if cfg.symmetric else ''}); the queue must hold at least one global "
+            "batch of keys"
         )
 
 

@@ -144,15 +144,20 @@ class TensorSource:
             images = self.train_images[idx].to(device, non_blocking=True)
             yield step, self.augment(images, g), self.augment(images, g)
 
+    def _part(self, part: str) -> tuple[Tensor, Tensor]:
+        if part == "train":
+            return self.train_images, self.train_labels
+        return self.test_images, self.test_labels
+
     def eval_batches(self, part: str, device: torch.device, batch_size: int = 1000):
-        images, labels = (self.train_images, self.train_labels) if part == "train" else (self.test_images, self.test_labels)
+        images, labels = self._part(part)
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size].to(device)
             yield eval_transform(x, self.augment_config), labels[start : start + batch_size]
 
     def raw(self, part: str) -> tuple[Tensor, Tensor]:
         """Flattened float pixels and labels (for the raw-pixel kNN baseline)."""
-        images, labels = (self.train_images, self.train_labels) if part == "train" else (self.test_images, self.test_labels)
+        images, labels = self._part(part)
         return images.flatten(1).float() / 255.0, labels
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..builder import MoCo
 from . import checkpoint as ckpt_io
@@ -178,7 +177,8 @@ class Trainer:
                 "use --queue-size >= the global batch"
             )
         if self.order.steps_per_epoch < 1:
-            raise ConfigError(f"the global batch {global_batch} is larger than the training set ({self.source.num_train})")
+            raise ConfigError(
+                f"the global batch {global_batch} is larger than the training set ({self.source.num_train})")
         if cfg.queue_size > self.source.num_train and rt.main and not cfg.quiet:
             print(f"note: queue_size {cfg.queue_size} > {self.source.num_train} training images: the queue will hold "
                   "several keys of the same image", file=sys.stderr)
@@ -314,7 +314,8 @@ class Trainer:
         if self.cfg.plot:
             title = (f"{self.cfg.preset} on {self.source.name}: {self.cfg.model}, K={self.cfg.queue_size}, "
                      f"m={self.cfg.momentum}, T={self.cfg.temperature}")
-            base = {"random init": self.baselines.get("knn_random_init"), "raw pixels": self.baselines.get("knn_raw_pixels")}
+            base = {"random init": self.baselines.get("knn_random_init"),
+                    "raw pixels": self.baselines.get("knn_raw_pixels")}
             metrics_io.plot(self.history, os.path.join(self.out, "plot.png"), title, base)
 
     def summary(self) -> dict:
@@ -392,7 +393,8 @@ class Trainer:
                 self.step_in_epoch = step + 1
                 self.meters.seconds = seconds_before + time.perf_counter() - t0
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_v:.3f}", acc1=f"{stats.acc1.item():.3f}", lr=f"{lr:.3g}", refresh=False)
+                    bar.set_postfix(loss=f"{loss_v:.3f}", acc1=f"{stats.acc1.item():.3f}", lr=f"{lr:.3g}",
+                                    refresh=False)
                     bar.update(1)
                 last_of_epoch = self.step_in_epoch == self.steps_per_epoch
                 if cfg.save_every and self.global_step % cfg.save_every == 0 and not last_of_epoch:

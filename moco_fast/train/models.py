@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 MODELS = ("cnn", "resnet18", "resnet50")
