@@ -29,7 +29,7 @@ def block_size(batch: int, num_keys: int) -> int:
     return max(256, min(max(num_keys, 1), _TILE_ELEMENTS // max(batch, 1)))
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32 accumulation, or fp64 when an input is fp64 (gradcheck)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -51,7 +51,7 @@ def infonce_forward(
         fused = _fused_attention_forward(q, k, negatives, scale)
         if fused is not None:
             return fused
-    ct = _compute_dtype(q, k, negatives)
+    ct = compute_dtype(q, k, negatives)
     qs = q.to(ct) * scale  # fold 1/T into q once: logits = qs · x
     kf = k.to(ct)
     pos = (qs * kf).sum(dim=1)
@@ -116,7 +116,7 @@ def infonce_backward(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, scale: float
 ):
     """O(B·d) backward from the saved lse and O: returns (dq in q.dtype, dk in k.dtype)."""
-    ct = _compute_dtype(q, k, lse)
+    ct = compute_dtype(q, k, lse)
     qf, kf = q.to(ct), k.to(ct)
     g = grad.to(ct) * scale
     p0 = torch.exp((qf * scale * kf).sum(dim=1) - lse)  # rounded like the forward's positive logit
@@ -134,7 +134,7 @@ def infonce_backward_negatives(
     block: int | None = None,
 ) -> torch.Tensor:
     """dn_j = scale·Σ_i g_i·softmax_ij·q_i, recomputing the logits block by block: (K, d) in negatives.dtype."""
-    ct = _compute_dtype(q, negatives, lse)
+    ct = compute_dtype(q, negatives, lse)
     qf = q.to(ct)
     qs = qf * scale
     weighted_q = qf * (grad.to(ct) * scale)[:, None]

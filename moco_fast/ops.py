@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .chunked import compute_dtype
 from .reference import reference_info_nce
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -117,13 +118,10 @@ def info_nce_forward(
     return _forward_impl(q.contiguous(), k.contiguous(), negatives.contiguous(), scale, impl, need_rank)
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
 
 @info_nce_forward.register_fake
 def _(q, k, negatives, scale, impl, need_rank=True):
-    ct = _compute_dtype(q, k, negatives)
+    ct = compute_dtype(q, k, negatives)
     rows = q.shape[0]
     return (
         q.new_empty((rows,), dtype=ct),
