@@ -659,7 +659,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    common.add_run_args(
+        p,
+        repeats="per row: CPU 20, GPU 100; less with --quick/--sweep",
+        warmup="the check call included: CPU 1, GPU 10",
+        budget="per row and metric: CPU 1.5, GPU 1",
+        quick="fewer repeats; with --sweep a small d=128 grid (fp32 on CPU, bf16 on GPU)",
+    )
     p.add_argument("--dtype", nargs="+", default=None, help="input dtype(s): fp32 (default), bf16, fp16")
     p.add_argument("-B", "--batch", type=int, nargs="+", default=None, help="batch size(s) (default 256)")
     p.add_argument("-K", "--keys", type=int, nargs="+", default=None, help="queue size(s) (default 65536)")
@@ -673,34 +679,9 @@ def parse_args(argv=None):
         "moco_fast torch triton cuda",
     )
     p.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="max timed repeats per row (CPU 20, GPU 100; less with --quick/--sweep)",
-    )
-    p.add_argument(
-        "--warmup",
-        type=int,
-        default=None,
-        help="untimed calls first, the check call included (CPU 1, GPU 10)",
-    )
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        help="about this many seconds of timed calls per row and metric (CPU 1.5, GPU 1)",
-    )
-    p.add_argument(
         "--sweep", action="store_true", help="B x K x d x dtype grid (axes given explicitly are kept)"
     )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="fewer repeats; with --sweep a small d=128 grid (fp32 on CPU, bf16 on GPU)",
-    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default torch's)")
-    p.add_argument("--json", metavar="PATH", help="write results and machine info as JSON")
     p.add_argument(
         "--plot",
         nargs="?",

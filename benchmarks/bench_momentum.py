@@ -191,21 +191,13 @@ def table(results: list[dict]) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
+    common.add_run_args(p, repeats="CPU 20, GPU 100", warmup="CPU 2, GPU 10", budget="CPU 1, GPU 0.5")
     p.add_argument("--dtype", nargs="+", default=["fp32"], help="parameter dtype(s): fp32, bf16, fp16")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--momentum", type=float, default=0.999)
     p.add_argument(
         "--backends", nargs="+", default=None, help="rows: official lightly lerp list flat torch triton cuda"
     )
-    p.add_argument("--repeats", type=int, default=None, help="max timed repeats (CPU 20, GPU 100)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (CPU 2, GPU 10)")
-    p.add_argument(
-        "--budget", type=float, default=None, help="seconds of timed calls per row (CPU 1, GPU 0.5)"
-    )
-    p.add_argument("--quick", action="store_true", help="fewer repeats")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default torch's)")
-    p.add_argument("--json", metavar="PATH")
     # Accepted for a uniform CLI across the benchmarks (gpu_check.sh); they do not apply here.
     for flag in ("-B", "--batch", "-K", "--keys", "-d", "--dim"):
         p.add_argument(flag, nargs="+", help=argparse.SUPPRESS)

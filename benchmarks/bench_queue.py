@@ -197,19 +197,13 @@ def table(results: list[dict]) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
+    common.add_run_args(p, repeats="CPU 200, GPU 500", warmup="CPU 3, GPU 20", budget="default 0.5")
     p.add_argument("--dtype", nargs="+", default=["fp32"])
     p.add_argument("-B", "--batch", type=int, nargs="+", default=None, help="keys per enqueue (default 256)")
     p.add_argument("-K", "--keys", type=int, nargs="+", default=None, help="queue size (default 65536)")
     p.add_argument("-d", "--dim", type=int, nargs="+", default=None, help="key dim (default 128)")
     p.add_argument("--backends", nargs="+", default=None, help="rows: official raise skip torch triton cuda")
-    p.add_argument("--repeats", type=int, default=None, help="max timed repeats (CPU 200, GPU 500)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (CPU 3, GPU 20)")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row (default 0.5)")
     p.add_argument("--sweep", action="store_true", help="B in {64, 256, 1000, 4096} x K in {4096, 65536}")
-    p.add_argument("--quick", action="store_true", help="fewer repeats")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default torch's)")
-    p.add_argument("--json", metavar="PATH")
     return p.parse_args(argv)
 
 

@@ -338,3 +338,14 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0:
         return None
     return numerator / denominator
+
+
+def add_run_args(parser, *, repeats: str, warmup: str, budget: str, quick: str = "fewer repeats") -> None:
+    """The options every benchmark shares; the strings describe each script's defaults in --help."""
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--repeats", type=int, default=None, help=f"max timed repeats ({repeats})")
+    parser.add_argument("--warmup", type=int, default=None, help=f"untimed calls first ({warmup})")
+    parser.add_argument("--budget", type=float, default=None, help=f"seconds of timed calls per row ({budget})")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default torch's)")
+    parser.add_argument("--json", metavar="PATH", help="write results and machine info as JSON")
