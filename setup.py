@@ -47,9 +47,7 @@ def _import_outer_torch():
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
     probe = "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"
     try:
-        out = subprocess.run(
-            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
-        )
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired):
         return None
     site_dir = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else ""
@@ -108,9 +106,7 @@ def _cuda_extension():
 
     def unavailable(why: str):
         if required:
-            raise SystemExit(
-                f"moco_fast: MOCO_FAST_BUILD_CUDA=1 but the CUDA extension cannot be built: {why}"
-            )
+            raise SystemExit(f"moco_fast: MOCO_FAST_BUILD_CUDA=1 but the CUDA extension cannot be built: {why}")
         _log(f"not building the CUDA extension ({why}); pure-Python install")
         return [], {}
 
@@ -146,9 +142,7 @@ def _cuda_extension():
                 _log(f"building for the sm_80+ GPUs only: TORCH_CUDA_ARCH_LIST={';'.join(archs)}")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    _log(
-        f"building moco_fast._C with CUDA_HOME={cuda_home}, arch {os.environ.get('TORCH_CUDA_ARCH_LIST', 'native')}"
-    )
+    _log(f"building moco_fast._C with CUDA_HOME={cuda_home}, arch {os.environ.get('TORCH_CUDA_ARCH_LIST', 'native')}")
     ext = CUDAExtension(
         name="moco_fast._C",
         sources=sources,

@@ -215,9 +215,7 @@ class Lightly(Row):
     def setup(self, case, q, k, n):
         from lightly.loss import NTXentLoss
 
-        loss_fn = NTXentLoss(temperature=case.temperature, memory_bank_size=(case.keys, case.dim)).to(
-            case.device
-        )
+        loss_fn = NTXentLoss(temperature=case.temperature, memory_bank_size=(case.keys, case.dim)).to(case.device)
         bank = loss_fn.memory_bank.bank
         if tuple(bank.shape) != (case.keys, case.dim):
             raise RuntimeError(f"lightly's bank has shape {tuple(bank.shape)}, expected (K, d)")
@@ -291,9 +289,7 @@ class SdpaFlash(Row):
         qq = q.reshape(1, 1, rows, -1).expand(splits, 1, rows, q.shape[1]).contiguous()
         nn_ = n.reshape(splits, 1, n.shape[0] // splits, n.shape[1])
         if self.kernel.endswith("_for_cpu"):
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qq, nn_, nn_, scale=self.scale
-            )
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qq, nn_, nn_, scale=self.scale)
         elif self.kernel.endswith("_efficient_attention"):
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
                 qq, nn_, nn_, None, True, scale=self.scale
@@ -419,11 +415,7 @@ def select_rows(rows: list[Row], wanted: list[str] | None) -> list[Row]:
     chosen = []
     for row in rows:
         short = row.name.removeprefix("moco_fast[").removesuffix("]").removesuffix("+stats")
-        if (
-            row.name in wanted
-            or short in wanted
-            or (row.name.startswith("moco_fast") and "moco_fast" in wanted)
-        ):
+        if row.name in wanted or short in wanted or (row.name.startswith("moco_fast") and "moco_fast" in wanted):
             chosen.append(row)
     return chosen
 
@@ -645,9 +637,7 @@ def _cases(args) -> list[Case]:
     keys = args.keys or (QUICK_K if quick else SWEEP_K) if args.sweep else (args.keys or [65536])
     dims = args.dim or (QUICK_D if quick else SWEEP_D) if args.sweep else (args.dim or [128])
     dtypes = (
-        args.dtype or (QUICK_DTYPES[device.type] if quick else SWEEP_DTYPES)
-        if args.sweep
-        else (args.dtype or ["fp32"])
+        args.dtype or (QUICK_DTYPES[device.type] if quick else SWEEP_DTYPES) if args.sweep else (args.dtype or ["fp32"])
     )
     return [
         Case(b, kk, dd, common.parse_dtype(t), device, args.temperature)
@@ -678,9 +668,7 @@ def parse_args(argv=None):
         help="rows to run (default all): reference ref-autocast lightly sdpa-flash cce-exact "
         "moco_fast torch triton cuda",
     )
-    p.add_argument(
-        "--sweep", action="store_true", help="B x K x d x dtype grid (axes given explicitly are kept)"
-    )
+    p.add_argument("--sweep", action="store_true", help="B x K x d x dtype grid (axes given explicitly are kept)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument(
         "--plot",
@@ -737,10 +725,7 @@ def main(argv=None) -> int:
         case_results = run_case(case, rows, args, timing)
         results += case_results
         if len(cases) == 1:
-            print(
-                f"# {case.label()}, T={case.temperature}; "
-                f"median of n repeats after {timing['warmup']} warm-up"
-            )
+            print(f"# {case.label()}, T={case.temperature}; median of n repeats after {timing['warmup']} warm-up")
             print(table(case_results, device))
     if len(cases) > 1:  # rows this device cannot run are left out of the sweep table (kept in the JSON)
         shown = [r for r in results if not _unavailable(r)]

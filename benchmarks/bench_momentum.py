@@ -62,9 +62,7 @@ def rows_for(device: torch.device, wanted: list[str] | None) -> list[tuple[str, 
     ]
     backends = [b for b in moco_fast.available_backends() if b != "reference"]
     if device.type != "cuda":
-        backends = [
-            b for b in backends if b == "torch"
-        ]  # triton: CPU interpreter far too slow; cuda: GPU only
+        backends = [b for b in backends if b == "torch"]  # triton: CPU interpreter far too slow; cuda: GPU only
     for b in backends:
         rows.append((f"moco_fast.momentum_update[{b}]", "list", b))
     for b in backends:
@@ -74,9 +72,7 @@ def rows_for(device: torch.device, wanted: list[str] | None) -> list[tuple[str, 
     return rows
 
 
-def make_updater(
-    kind: str, backend: str | None, online: torch.nn.Module, target0: torch.nn.Module, momentum: float
-):
+def make_updater(kind: str, backend: str | None, online: torch.nn.Module, target0: torch.nn.Module, momentum: float):
     """(update() -> None, read() -> list of target tensors) for one row on its own copy of the target."""
     import moco_fast
     from moco_fast.reference import reference_momentum_update
@@ -95,9 +91,7 @@ def make_updater(
     if kind == "lightly":
         from lightly.models.utils import update_momentum
 
-        return (lambda: update_momentum(online, target, momentum)), lambda: [
-            p.data for p in target.parameters()
-        ]
+        return (lambda: update_momentum(online, target, momentum)), lambda: [p.data for p in target.parameters()]
     targets = [p.data for p in target.parameters()]
     sources = [p.data for p in online.parameters()]
     if kind == "lerp":

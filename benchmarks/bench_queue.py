@@ -39,9 +39,7 @@ STRUCTURAL_SYNCS = {"official": "1 (int(ptr))", "raise": "1 (ok.item())", "skip"
 
 def make_keys(steps: int, batch: int, dim: int, device, dtype, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [
-        F.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(device, dtype) for _ in range(steps)
-    ]
+    return [F.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(device, dtype) for _ in range(steps)]
 
 
 def rows_for(device: torch.device, wanted: list[str] | None) -> list[tuple[str, str | None, str]]:
@@ -122,9 +120,7 @@ def count_syncs(fn, device: torch.device, calls: int = 5):
 
 
 def run_case(batch, size, dim, dtype, device, args, timing) -> list[dict]:
-    start = F.normalize(torch.randn(size, dim, generator=torch.Generator().manual_seed(1)), dim=1).to(
-        device, dtype
-    )
+    start = F.normalize(torch.randn(size, dim, generator=torch.Generator().manual_seed(1)), dim=1).to(device, dtype)
     check_keys = make_keys(3, batch, dim, device, dtype, seed=2)
     bench_keys = make_keys(8, batch, dim, device, dtype, seed=3)
     expected = None

@@ -127,16 +127,8 @@ def infonce_cases(device, size, ceil, errors, backend_names):
     for dtype in (torch.bfloat16, torch.float32):
         for B in size["B"]:
             g = torch.Generator(device=device).manual_seed(B)
-            q = (
-                F.normalize(torch.randn(B, d, device=device, generator=g), dim=1)
-                .to(dtype)
-                .requires_grad_(True)
-            )
-            k = (
-                F.normalize(torch.randn(B, d, device=device, generator=g), dim=1)
-                .to(dtype)
-                .requires_grad_(True)
-            )
+            q = F.normalize(torch.randn(B, d, device=device, generator=g), dim=1).to(dtype).requires_grad_(True)
+            k = F.normalize(torch.randn(B, d, device=device, generator=g), dim=1).to(dtype).requires_grad_(True)
             queue = F.normalize(torch.randn(K, d, device=device, generator=g), dim=1).to(dtype)
             flops = 4 * B * K * d
             ref_t = None
@@ -150,9 +142,7 @@ def infonce_cases(device, size, ceil, errors, backend_names):
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
-                t = safe(
-                    f"info_nce {name} B={B} {dtype}", lambda: bench(step, device, reps=size["reps"]), errors
-                )
+                t = safe(f"info_nce {name} B={B} {dtype}", lambda: bench(step, device, reps=size["reps"]), errors)
                 peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" and t else None
                 if name == "reference":
                     ref_t = t
@@ -417,9 +407,7 @@ def git_commit():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu_<date>.json)")
-    ap.add_argument(
-        "--dry-run", action="store_true", help="CPU, tiny sizes, interpreter: exercise the code paths"
-    )
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, interpreter: exercise the code paths")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--autotune", action="store_true", help="also run the triton forward autotuner (bf16)")
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: infonce momentum enqueue")
@@ -455,9 +443,7 @@ def main():
     )
     results = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
-        gpu=torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"cpu ({platform.processor()}) dry-run",
+        gpu=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor()}) dry-run",
         torch=torch.__version__,
         triton=getattr(sys.modules.get("triton"), "__version__", None),
         cuda=torch.version.cuda,

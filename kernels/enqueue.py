@@ -24,9 +24,18 @@ import triton.language as tl
 
 @triton.jit
 def enqueue_kernel(
-    queue_ptr, ptr_ptr, count_ptr, keys_ptr, ok_ptr,
-    B, K, d,
-    NORMALIZE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr, D_PAD: tl.constexpr,
+    queue_ptr,
+    ptr_ptr,
+    count_ptr,
+    keys_ptr,
+    ok_ptr,
+    B,
+    K,
+    d,
+    NORMALIZE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     head = tl.load(ptr_ptr)
     count = tl.load(count_ptr)

@@ -91,7 +91,7 @@ def fwd_candidates(dp: int, dot_dtype: str, precision: str = "tf32") -> list[Til
     cands = [base]
     half = dot_dtype in HALF
     for bm in (64, 128):
-        for bn in ((64, 128) if half else (32, 64)):
+        for bn in (64, 128) if half else (32, 64):
             for w in (4, 8):
                 for st in (2, 3, 4):
                     if dp >= 256 and (bm == 128 or bn == 128):

@@ -23,9 +23,18 @@ from .infonce_fwd import _dot
 
 @triton.jit
 def infonce_bwd_qk_kernel(
-    g_ptr, q_ptr, k_ptr, lse_ptr, out_ptr, dq_ptr, dk_ptr,
-    B, d, scale,
-    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+    g_ptr,
+    q_ptr,
+    k_ptr,
+    lse_ptr,
+    out_ptr,
+    dq_ptr,
+    dk_ptr,
+    B,
+    d,
+    scale,
+    BLOCK_M: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -48,12 +57,23 @@ def infonce_bwd_qk_kernel(
 
 @triton.jit
 def infonce_bwd_negatives_kernel(
-    g_ptr, q_ptr, n_ptr, lse_ptr, dn_ptr,
-    B, K, d,
-    scale, qk_scale,  # scale and scale*log2(e)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    g_ptr,
+    q_ptr,
+    n_ptr,
+    lse_ptr,
+    dn_ptr,
+    B,
+    K,
+    d,
+    scale,
+    qk_scale,  # scale and scale*log2(e)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr,
     EVEN_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     keys = pid * BLOCK_N + tl.arange(0, BLOCK_N)

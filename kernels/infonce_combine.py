@@ -22,11 +22,22 @@ import triton.language as tl
 
 @triton.jit
 def infonce_combine_kernel(
-    m_ptr, l_ptr, o_ptr, r_ptr, pos_ptr, k_ptr,
-    lse_ptr, out_ptr, rank_ptr,
-    B, d, num_splits,
+    m_ptr,
+    l_ptr,
+    o_ptr,
+    r_ptr,
+    pos_ptr,
+    k_ptr,
+    lse_ptr,
+    out_ptr,
+    rank_ptr,
+    B,
+    d,
+    num_splits,
     qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)

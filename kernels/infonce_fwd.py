@@ -44,13 +44,28 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.con
 
 @triton.jit
 def infonce_fwd_split_kernel(
-    q_ptr, k_ptr, n_ptr,
-    m_ptr, l_ptr, o_ptr, r_ptr, pos_ptr,
-    B, K, d, keys_per_split,
+    q_ptr,
+    k_ptr,
+    n_ptr,
+    m_ptr,
+    l_ptr,
+    o_ptr,
+    r_ptr,
+    pos_ptr,
+    B,
+    K,
+    d,
+    keys_per_split,
     qk_scale,  # scale * log2(e), fp32
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, FINALIZE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    FINALIZE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)

@@ -95,18 +95,37 @@ def infonce_forward(q, k, negatives, scale, *, num_splits=None, config=None, fus
     splits = max(1, H.cdiv(K, kps))  # no empty split
     qk_scale = float(scale) * LOG2E
     meta = dict(
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=dp,
-        EVEN_K=(K % cfg.block_n == 0), EVEN_D=(d == dp),
-        DOT_DTYPE=dot_tl, PRECISION=prec, EMULATE=INTERPRETED,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        D_PAD=dp,
+        EVEN_K=(K % cfg.block_n == 0),
+        EVEN_D=(d == dp),
+        DOT_DTYPE=dot_tl,
+        PRECISION=prec,
+        EMULATE=INTERPRETED,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if fuse is None:
         fuse = H.fuse_single_split(dp, dot_name, cc, INTERPRETED)
     if splits == 1 and fuse:
         # K == 0 lands here too: the loop is empty and only the positive is merged.
         infonce_fwd_split_kernel[(row_blocks, 1)](
-            q, k, negatives, lse, lse, out, rank, lse,
-            B, K, d, kps, qk_scale, FINALIZE=True, **meta,
+            q,
+            k,
+            negatives,
+            lse,
+            lse,
+            out,
+            rank,
+            lse,
+            B,
+            K,
+            d,
+            kps,
+            qk_scale,
+            FINALIZE=True,
+            **meta,
         )
         return lse, out, rank
     # One workspace allocation for all partials: O (S, B, d) first (keeps its 16-byte alignment),
@@ -118,13 +137,41 @@ def infonce_forward(q, k, negatives, scale, *, num_splits=None, config=None, fus
     r_part = ws[sb * (d + 2) : sb * (d + 3)].view(torch.int32)
     pos = ws[sb * (d + 3) :]
     infonce_fwd_split_kernel[(row_blocks, splits)](
-        q, k, negatives, m_part, l_part, o_part, r_part, pos,
-        B, K, d, kps, qk_scale, FINALIZE=False, **meta,
+        q,
+        k,
+        negatives,
+        m_part,
+        l_part,
+        o_part,
+        r_part,
+        pos,
+        B,
+        K,
+        d,
+        kps,
+        qk_scale,
+        FINALIZE=False,
+        **meta,
     )
     bmc = H.combine_block_m(B, num_sms, dp)
     infonce_combine_kernel[(H.cdiv(B, bmc),)](
-        m_part, l_part, o_part, r_part, pos, k, lse, out, rank,
-        B, d, splits, qk_scale, BLOCK_M=bmc, BLOCK_S=H.combine_block_s(bmc, dp), D_PAD=dp, num_warps=4,
+        m_part,
+        l_part,
+        o_part,
+        r_part,
+        pos,
+        k,
+        lse,
+        out,
+        rank,
+        B,
+        d,
+        splits,
+        qk_scale,
+        BLOCK_M=bmc,
+        BLOCK_S=H.combine_block_s(bmc, dp),
+        D_PAD=dp,
+        num_warps=4,
     )
     return lse, out, rank
 
@@ -145,8 +192,19 @@ def infonce_backward(grad, q, k, lse, out, scale):
     dp = H.d_pad(d)
     bm = H.bwd_qk_block_m(dp)
     infonce_bwd_qk_kernel[(H.cdiv(B, bm),)](
-        grad, q, k, lse.contiguous(), out.contiguous(), dq, dk, B, d, float(scale),
-        BLOCK_M=bm, D_PAD=dp, num_warps=4,
+        grad,
+        q,
+        k,
+        lse.contiguous(),
+        out.contiguous(),
+        dq,
+        dk,
+        B,
+        d,
+        float(scale),
+        BLOCK_M=bm,
+        D_PAD=dp,
+        num_warps=4,
     )
     return dq, dk
 
@@ -166,10 +224,25 @@ def infonce_backward_negatives(grad, q, negatives, lse, scale, *, config=None):
     _, cc = _device_info(q.device)
     cfg = config or H.bwd_dn_config(dp, dot_name, cc, INTERPRETED, prec)
     infonce_bwd_negatives_kernel[(H.cdiv(K, cfg.block_n),)](
-        grad, q, negatives, lse.contiguous(), dn, B, K, d, float(scale), float(scale) * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=dp, EVEN_D=(d == dp),
-        DOT_DTYPE=dot_tl, PRECISION=prec, EMULATE=INTERPRETED,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        grad,
+        q,
+        negatives,
+        lse.contiguous(),
+        dn,
+        B,
+        K,
+        d,
+        float(scale),
+        float(scale) * LOG2E,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        D_PAD=dp,
+        EVEN_D=(d == dp),
+        DOT_DTYPE=dot_tl,
+        PRECISION=prec,
+        EMULATE=INTERPRETED,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return dn
 
@@ -273,8 +346,19 @@ def enqueue_(queue, ptr, count, keys, normalize) -> torch.Tensor:
     dp = H.d_pad(d)
     compute = tl.float64 if torch.float64 in (queue.dtype, keys.dtype) else tl.float32
     enqueue_kernel[(1,)](
-        queue, ptr, count, keys, ok, B, K, d,
-        NORMALIZE=bool(normalize), COMPUTE=compute, BLOCK_R=H.enqueue_block_r(dp), D_PAD=dp, num_warps=8,
+        queue,
+        ptr,
+        count,
+        keys,
+        ok,
+        B,
+        K,
+        d,
+        NORMALIZE=bool(normalize),
+        COMPUTE=compute,
+        BLOCK_R=H.enqueue_block_r(dp),
+        D_PAD=dp,
+        num_warps=8,
     )
     return ok
 
@@ -288,9 +372,7 @@ _TUNED: dict = {}
 
 def _autotune_enabled(device: torch.device) -> bool:
     return (
-        device.type == "cuda"
-        and not INTERPRETED
-        and os.environ.get("MOCO_FAST_TRITON_AUTOTUNE", "0") not in ("", "0")
+        device.type == "cuda" and not INTERPRETED and os.environ.get("MOCO_FAST_TRITON_AUTOTUNE", "0") not in ("", "0")
     )
 
 

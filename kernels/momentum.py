@@ -39,9 +39,7 @@ def _ema(t_ptrs, s_ptrs, m, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def momentum_multi_kernel(
-    table_ptr, momentum, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr
-):
+def momentum_multi_kernel(table_ptr, momentum, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * 3
     t_base = tl.load(table_ptr + row).to(tl.pointer_type(DTYPE), bitcast=True)
     s_base = tl.load(table_ptr + row + 1).to(tl.pointer_type(DTYPE), bitcast=True)

@@ -90,9 +90,7 @@ def resolve(backend: str, device: torch.device) -> str:
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors; got tensors on {device}")
     if name == "triton" and device.type != "cuda" and not triton_interpreted():
-        raise ValueError(
-            f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import); got {device}"
-        )
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import); got {device}")
     return name
 
 

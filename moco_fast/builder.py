@@ -84,12 +84,22 @@ class MoCo(nn.Module):
             dim_mlp = fc.weight.shape[1]
             self.encoder_q.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), fc)
         self.momentum_encoder = MomentumEncoder(
-            self.encoder_q, m, schedule=momentum_schedule, final_momentum=final_momentum,
-            total_steps=total_steps, backend=backend,
+            self.encoder_q,
+            m,
+            schedule=momentum_schedule,
+            final_momentum=final_momentum,
+            total_steps=total_steps,
+            backend=backend,
         )
         self.head = MoCoHead(
-            dim, K, T, queue_dtype=queue_dtype, symmetric=symmetric, gather_distributed=gather_distributed,
-            backend=backend, queue_init=queue_init,
+            dim,
+            K,
+            T,
+            queue_dtype=queue_dtype,
+            symmetric=symmetric,
+            gather_distributed=gather_distributed,
+            backend=backend,
+            queue_init=queue_init,
         )
 
     @property

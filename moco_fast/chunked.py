@@ -99,9 +99,7 @@ def _fused_attention_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.
     ):
         return None
     try:
-        out_neg, lse_neg = _FUSED_ATTENTION_OP(
-            q[None, None], negatives[None, None], negatives[None, None], scale=scale
-        )
+        out_neg, lse_neg = _FUSED_ATTENTION_OP(q[None, None], negatives[None, None], negatives[None, None], scale=scale)
     except (RuntimeError, TypeError, NotImplementedError):
         return None
     out_neg, lse_neg = out_neg.reshape(q.shape), lse_neg.reshape(q.shape[0])
@@ -191,9 +189,7 @@ def enqueue_(
     return _enqueue_device_(queue, ptr, count, keys, normalize)
 
 
-def _enqueue_device_(
-    queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool
-):
+def _enqueue_device_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool):
     """Device enqueue: the pointer stays on the device; a rejected batch rewrites the old rows."""
     size = queue.shape[0]
     batch = keys.shape[0]
@@ -211,9 +207,7 @@ def _enqueue_device_(
     return ok
 
 
-def _enqueue_host_(
-    queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool
-):
+def _enqueue_host_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool):
     """CPU enqueue: reading ptr costs no sync here, so write at most two slices directly."""
     ok = bool(torch.isfinite(keys).all())
     if ok:

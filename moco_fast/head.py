@@ -83,14 +83,10 @@ class MoCoHead(nn.Module):
             if first is None:
                 first = (name, t)
             elif t.shape != first[1].shape:
-                raise ValueError(
-                    f"{name} has shape {tuple(t.shape)} but {first[0]} has {tuple(first[1].shape)}"
-                )
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but {first[0]} has {tuple(first[1].shape)}")
         name, t = first
         if t.device != self.queue.keys.device:
-            raise ValueError(
-                f"{name} is on {t.device} but the queue is on {self.queue.keys.device}; move the head"
-            )
+            raise ValueError(f"{name} is on {t.device} but the queue is on {self.queue.keys.device}; move the head")
 
     def forward(self, *tensors: Tensor, return_stats: bool = False):
         if self.symmetric:
@@ -99,9 +95,7 @@ class MoCoHead(nn.Module):
             names = ("q1", "q2", "k1", "k2")
         else:
             if len(tensors) != 2:
-                raise TypeError(
-                    f"MoCoHead takes (q, k) (or symmetric=True for 4 tensors), got {len(tensors)} tensors"
-                )
+                raise TypeError(f"MoCoHead takes (q, k) (or symmetric=True for 4 tensors), got {len(tensors)} tensors")
             names = ("q", "k")
         self._check(dict(zip(names, tensors)))
         normed = [F.normalize(t, dim=1) for t in tensors]

@@ -50,9 +50,7 @@ def check_matrix(x: object, name: str, dim: int | None = None) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {x.dtype}"
-        )
+        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
@@ -63,9 +61,7 @@ def check_matrix(x: object, name: str, dim: int | None = None) -> Tensor:
 def check_temperature(temperature: object) -> float:
     if isinstance(temperature, Tensor):
         if temperature.numel() != 1:
-            raise ValueError(
-                f"temperature must be a number, got a tensor of shape {tuple(temperature.shape)}"
-            )
+            raise ValueError(f"temperature must be a number, got a tensor of shape {tuple(temperature.shape)}")
         temperature = float(temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")
@@ -118,7 +114,6 @@ def info_nce_forward(
     return _forward_impl(q.contiguous(), k.contiguous(), negatives.contiguous(), scale, impl, need_rank)
 
 
-
 @info_nce_forward.register_fake
 def _(q, k, negatives, scale, impl, need_rank=True):
     ct = compute_dtype(q, k, negatives)
@@ -152,9 +147,7 @@ def info_nce_backward_negatives(
 ) -> Tensor:
     """dn (K, d): recomputes the logits blockwise; only runs when the negatives require grad."""
     module = backends.implementation(impl)
-    return module.infonce_backward_negatives(
-        grad.contiguous(), q.contiguous(), negatives.contiguous(), lse, scale
-    )
+    return module.infonce_backward_negatives(grad.contiguous(), q.contiguous(), negatives.contiguous(), lse, scale)
 
 
 @info_nce_backward_negatives.register_fake
@@ -205,9 +198,7 @@ def _kernel_impl(backend: str, *tensors: Tensor) -> str:
     if impl in ("triton", "cuda"):
         for t in tensors:
             if t.dtype not in _KERNEL_DTYPES:
-                raise TypeError(
-                    f"backend {impl!r} supports float32, bfloat16 and float16 inputs, got {t.dtype}"
-                )
+                raise TypeError(f"backend {impl!r} supports float32, bfloat16 and float16 inputs, got {t.dtype}")
     return impl
 
 
@@ -274,9 +265,7 @@ def _as_tensor_list(x: torch.nn.Module | Iterable[Tensor], name: str) -> list[Te
     try:
         tensors = [t.data if isinstance(t, torch.nn.Parameter) else t for t in x]
     except TypeError:
-        raise TypeError(
-            f"{name} must be an nn.Module or a sequence of tensors, got {type(x).__name__}"
-        ) from None
+        raise TypeError(f"{name} must be an nn.Module or a sequence of tensors, got {type(x).__name__}") from None
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
@@ -291,9 +280,7 @@ def check_momentum(momentum: object) -> float:
     return float(momentum)
 
 
-def group_pairs(
-    targets: Sequence[Tensor], sources: Sequence[Tensor]
-) -> dict[tuple, tuple[list[Tensor], list[Tensor]]]:
+def group_pairs(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> dict[tuple, tuple[list[Tensor], list[Tensor]]]:
     """Check target/source pairs and group them by (device, dtype, contiguity) for one launch per group."""
     if len(targets) != len(sources):
         raise ValueError(f"target has {len(targets)} tensors but source has {len(sources)}")
@@ -304,9 +291,7 @@ def group_pairs(
         if t.device != s.device:
             raise ValueError(f"target[{i}] is on {t.device} but source[{i}] is on {s.device}")
         if not t.is_floating_point() or not s.is_floating_point():
-            raise TypeError(
-                f"target[{i}] and source[{i}] must be floating tensors, got {t.dtype} and {s.dtype}"
-            )
+            raise TypeError(f"target[{i}] and source[{i}] must be floating tensors, got {t.dtype} and {s.dtype}")
         if t.dtype != s.dtype:
             raise TypeError(f"target[{i}] is {t.dtype} but source[{i}] is {s.dtype}")
         key = (t.device, t.dtype, t.is_contiguous() and s.is_contiguous())

@@ -116,9 +116,7 @@ class KeyQueue(nn.Module):
         if keys.shape[0] < 1:
             raise ValueError("keys is an empty batch (0 rows)")
         if keys.device != self.keys.device:
-            raise ValueError(
-                f"keys are on {keys.device} but the queue is on {self.keys.device}; move one of them"
-            )
+            raise ValueError(f"keys are on {keys.device} but the queue is on {self.keys.device}; move one of them")
         return keys
 
     @torch.no_grad()
@@ -139,9 +137,7 @@ class KeyQueue(nn.Module):
         impl = backends.resolve(self.backend, keys.device)
         if impl in ("reference",) or keys.dtype not in _KERNEL_DTYPES:
             impl = "torch"
-        ok = backends.implementation(impl).enqueue_(
-            self.keys, self.ptr, self.count, keys.contiguous(), self.normalize
-        )
+        ok = backends.implementation(impl).enqueue_(self.keys, self.ptr, self.count, keys.contiguous(), self.normalize)
         if self.on_nonfinite == "raise":
             if not bool(ok.item()):
                 raise NonFiniteKeysError(
@@ -155,6 +151,4 @@ class KeyQueue(nn.Module):
                 self._filled = None  # unknown until read: the batch may have been skipped
 
     def extra_repr(self) -> str:
-        return (
-            f"size={self.size}, dim={self.dim}, dtype={self.keys.dtype}, on_nonfinite={self.on_nonfinite!r}"
-        )
+        return f"size={self.size}, dim={self.dim}, dtype={self.keys.dtype}, on_nonfinite={self.on_nonfinite!r}"

@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce_logits(
-    q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float
-) -> torch.Tensor:
+def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
     """The official logits: (B, 1+K) = [q·k, q·negatives] / T, computed in fp32 (or q's wider dtype)."""
     dtype = torch.promote_types(
         torch.promote_types(q.dtype, k.dtype), torch.promote_types(negatives.dtype, torch.float32)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_dependency
 from torch import nn
 
 from moco_fast.builder import MoCo
@@ -137,7 +138,7 @@ def test_errors():
 
 
 def test_torchvision_resnet_as_base_encoder():
-    torchvision = pytest.importorskip("torchvision")
+    torchvision = train_dependency("torchvision")
     torch.manual_seed(5)
     model = MoCo(torchvision.models.resnet18, dim=8, K=16, mlp=True)
     loss, _ = model(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))

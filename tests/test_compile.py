@@ -36,9 +36,7 @@ def test_opcheck_backward_ops():
     loss, lse, out, rank = torch.ops.moco_fast.info_nce_forward(q, k, n, 5.0, "torch")
     grad = torch.rand(5)
     torch.library.opcheck(torch.ops.moco_fast.info_nce_backward.default, (grad, q, k, lse, out, 5.0, "torch"))
-    torch.library.opcheck(
-        torch.ops.moco_fast.info_nce_backward_negatives.default, (grad, q, n, lse, 5.0, "torch")
-    )
+    torch.library.opcheck(torch.ops.moco_fast.info_nce_backward_negatives.default, (grad, q, n, lse, 5.0, "torch"))
 
 
 def test_forward_op_outputs():

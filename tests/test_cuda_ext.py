@@ -35,13 +35,9 @@ BUILT = importlib.util.find_spec("moco_fast._C") is not None
 EXPECT_BUILT = os.environ.get("MOCO_FAST_EXPECT_CUDA_EXT", "") == "1" or os.environ.get(
     "MOCO_FAST_BUILD_CUDA", ""
 ).strip().lower() in ("1", "true", "yes", "on")
-NOT_BUILT = (
-    "moco_fast._C was not built (MOCO_FAST_BUILD_CUDA=0, or no CUDA toolkit / CPU torch at install time)"
-)
+NOT_BUILT = "moco_fast._C was not built (MOCO_FAST_BUILD_CUDA=0, or no CUDA toolkit / CPU torch at install time)"
 needs_ext = pytest.mark.skipif(not BUILT, reason=NOT_BUILT)
-needs_gpu = pytest.mark.skipif(
-    not (BUILT and torch.cuda.is_available()), reason="needs moco_fast._C and a CUDA GPU"
-)
+needs_gpu = pytest.mark.skipif(not (BUILT and torch.cuda.is_available()), reason="needs moco_fast._C and a CUDA GPU")
 
 OPS = ("infonce_forward", "infonce_backward", "infonce_backward_negatives", "momentum_update_", "enqueue_")
 
@@ -60,9 +56,7 @@ LOG2E = 1.0 / math.log(2.0)
 
 def test_extension_built_when_expected():
     if EXPECT_BUILT:
-        assert BUILT, (
-            "MOCO_FAST_EXPECT_CUDA_EXT/MOCO_FAST_BUILD_CUDA says moco_fast._C must exist: " + NOT_BUILT
-        )
+        assert BUILT, "MOCO_FAST_EXPECT_CUDA_EXT/MOCO_FAST_BUILD_CUDA says moco_fast._C must exist: " + NOT_BUILT
     if not BUILT:
         assert not cuda_ext.AVAILABLE
         with pytest.raises(RuntimeError, match="not available"):
@@ -92,12 +86,7 @@ def test_op_schemas_declare_mutation():
     }
     assert mutable["momentum_update_"] == ["targets"]
     assert mutable["enqueue_"] == ["queue", "ptr", "count"]
-    assert (
-        mutable["infonce_forward"]
-        == mutable["infonce_backward"]
-        == mutable["infonce_backward_negatives"]
-        == []
-    )
+    assert mutable["infonce_forward"] == mutable["infonce_backward"] == mutable["infonce_backward_negatives"] == []
     assert [a.name for a in schema["infonce_forward"].arguments] == [
         "q",
         "k",
@@ -255,11 +244,7 @@ def test_sass_no_local_memory(arch):
     assert not offenders, offenders
     usage = {name: u for (a, name), u in _resource_usage().items() if a == arch}
     assert set(usage) == set(functions)
-    heavy = {
-        name: (u.get("STACK"), u.get("LOCAL"))
-        for name, u in usage.items()
-        if u.get("STACK") or u.get("LOCAL")
-    }
+    heavy = {name: (u.get("STACK"), u.get("LOCAL")) for name, u in usage.items() if u.get("STACK") or u.get("LOCAL")}
     assert not heavy, heavy
     for name, u in usage.items():
         if _demangled_template_args(name) and _demangled_template_args(name)[1] < 256:
@@ -494,9 +479,7 @@ def _forward_case(B, K, d, name, temperature=0.07, inputs=None):
     ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
     assert _rel(lse, ref_lse) < tol, name
     assert _rel(out, ref_out) < tol, name
-    _check_rank(
-        rank, ref_rank, neg, pos, tie_tol=tie * scale * max(1.0, q.float().norm(dim=1).max().item() ** 2)
-    )
+    _check_rank(rank, ref_rank, neg, pos, tie_tol=tie * scale * max(1.0, q.float().norm(dim=1).max().item() ** 2))
     return lse, out, rank
 
 
@@ -695,9 +678,7 @@ def test_enqueue_large_batch_and_sequence():
         ok = IMPL.enqueue_(queue, ptr, count, keys, True)
         assert bool(ok)
         rows = (start + torch.arange(B, device=DEVICE)) % K
-        torch.testing.assert_close(
-            queue[rows].float(), F.normalize(keys, dim=1).bfloat16().float(), rtol=0, atol=8e-3
-        )
+        torch.testing.assert_close(queue[rows].float(), F.normalize(keys, dim=1).bfloat16().float(), rtol=0, atol=8e-3)
         seen.append(B)
         assert ptr.item() == (start + B) % K and count.item() == min(sum(seen), K)
 
@@ -719,9 +700,7 @@ _MOMENTUM_TOL = {torch.float32: 2e-7, torch.float64: 1e-12, torch.bfloat16: 8e-3
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_momentum_list_of_many_tensors(dtype):
-    sizes = [0, 1, 3, 7, 8, 9, 1000, 4099, 70000, (1 << 20) + 3] + [
-        int(x) for x in torch.randint(1, 300, (3000,))
-    ]
+    sizes = [0, 1, 3, 7, 8, 9, 1000, 4099, 70000, (1 << 20) + 3] + [int(x) for x in torch.randint(1, 300, (3000,))]
     targets = [torch.randn(n, device=DEVICE).to(dtype) for n in sizes]
     sources = [torch.randn(n, device=DEVICE).to(dtype) for n in sizes]
     expect = [_expected_momentum(t, s, 0.99) for t, s in zip(targets, sources, strict=True)]
@@ -783,9 +762,7 @@ def test_momentum_is_one_launch():
         IMPL.momentum_update_(targets, sources, 0.5)
         torch.cuda.synchronize()
     kernels = [
-        e.name
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and "momentum" in e.name
+        e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "momentum" in e.name
     ]
     assert len(kernels) == 1, kernels
 

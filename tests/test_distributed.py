@@ -44,9 +44,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
         torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S // 2)
-        )
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
         result["is_distributed"] = is_distributed()
 
         # KeyQueue with gather_distributed=True: every rank ends with the same queue
@@ -101,9 +99,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 def _run_workers(tmp_path) -> list[dict]:
     port = _free_port()
-    ctx = mp.start_processes(
-        _worker, args=(port, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
-    )
+    ctx = mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
@@ -148,9 +144,7 @@ def test_gathered_queue_is_identical_on_all_ranks_and_in_rank_order(results):
         for r in results:
             state = r["queue_states"][step]
             assert state["ptr"].item() == ptr and state["count"].item() == count
-            assert torch.equal(state["keys"][:count], torch.stack(rows[:count])), (
-                f"step {step} rank {r['rank']}"
-            )
+            assert torch.equal(state["keys"][:count], torch.stack(rows[:count])), f"step {step} rank {r['rank']}"
         s0, s1 = (r["queue_states"][step] for r in results)
         for name in s0:
             assert torch.equal(s0[name], s1[name]), f"step {step}: {name} differs between ranks"

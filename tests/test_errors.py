@@ -96,9 +96,7 @@ def test_temperature_tensor():
     with pytest.raises(ValueError, match="temperature"):
         info_nce(*good(), torch.tensor(-0.1))
     # a one-element tensor is a number
-    assert torch.equal(
-        info_nce(*[t.clone() for t in good()], torch.tensor(0.1)).isfinite(), torch.tensor(True)
-    )
+    assert torch.equal(info_nce(*[t.clone() for t in good()], torch.tensor(0.1)).isfinite(), torch.tensor(True))
 
 
 def test_empty_batch(backend):

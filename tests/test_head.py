@@ -252,9 +252,7 @@ def test_bf16_queue_and_inputs():
     k = torch.randn(10, 32)
     loss = head(q, k)
     assert loss.dtype == torch.float32
-    ref = moco_fast.info_nce(
-        F.normalize(q, dim=1), F.normalize(k, dim=1), negatives, 0.07, backend="reference"
-    )
+    ref = moco_fast.info_nce(F.normalize(q, dim=1), F.normalize(k, dim=1), negatives, 0.07, backend="reference")
     assert torch.allclose(loss, ref, rtol=1e-5)
     loss.backward()
     assert torch.isfinite(q.grad).all()

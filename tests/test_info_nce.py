@@ -196,9 +196,7 @@ def test_matches_float64_small_grid(backend, dtypes, normalized):
     """The full product of B in (1, 7, 37), K in (0, 1, 1000), every d and T; unit vectors (MoCo)
     and raw Gaussian rows (larger logits)."""
     dq_t, dk_t, dn_t = DTYPES[dtypes]
-    for batch, num_keys, dim, temperature in itertools.product(
-        SMALL_BATCHES, SMALL_NUM_KEYS, DIMS, TEMPERATURES
-    ):
+    for batch, num_keys, dim, temperature in itertools.product(SMALL_BATCHES, SMALL_NUM_KEYS, DIMS, TEMPERATURES):
         q = rows(batch, dim, dq_t, normalized)
         k = rows(batch, dim, dk_t, normalized)
         n = rows(num_keys, dim, dn_t, normalized)
@@ -224,9 +222,10 @@ def test_matches_float64_large(backend, dtypes, case):
 def test_negatives_gradient_matches_float64(backend, dtypes):
     """When the negatives require grad (rare), their gradient is right too."""
     dq_t, dk_t, dn_t = DTYPES[dtypes]
-    cases = [
-        (b, kk, d, t) for b, kk, d, t in itertools.product((1, 7, 37), (1, 1000), (16, 128), (0.02, 1.0))
-    ] + [(256, 4099, 128, 0.07), (7, 0, 16, 0.07)]
+    cases = [(b, kk, d, t) for b, kk, d, t in itertools.product((1, 7, 37), (1, 1000), (16, 128), (0.02, 1.0))] + [
+        (256, 4099, 128, 0.07),
+        (7, 0, 16, 0.07),
+    ]
     for batch, num_keys, dim, temperature in cases:
         q, k, n = rows(batch, dim, dq_t), rows(batch, dim, dk_t), rows(num_keys, dim, dn_t)
         tag = f"B={batch} K={num_keys} d={dim} T={temperature} {dtypes}"
@@ -264,9 +263,7 @@ def test_torch_backend_matches_reference(dtypes, grad_negatives):
                 err = (ours.double() - theirs.double()).abs()
                 bound = bf16_ulp(theirs.double()) + 2 * scales["dn_elem" if name == "dn" else "elem"]
                 assert (err <= bound).all(), f"{name} {tag}"
-        _, stats = moco_fast.info_nce(
-            q, k, n, temperature, backend="torch", reduction="none", return_stats=True
-        )
+        _, stats = moco_fast.info_nce(q, k, n, temperature, backend="torch", reduction="none", return_stats=True)
         assert_close_norm(stats.lse, ref_lse.double(), 2 * RTOL32, 2 * scales["lse"], f"lse {tag}")
 
 
@@ -346,11 +343,7 @@ def test_no_negatives_gives_zero_loss_and_finite_grads(backend, dtype, normalize
             assert red.shape == () and red.item() == 0.0
 
 
-
-
-@pytest.mark.parametrize(
-    "backend", CPU_BACKENDS
-)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_no_negatives_gives_exactly_zero_key_gradient(backend):
     """With K = 0, p0 = 1 exactly, so dk = (p0 − 1)·q/T must be exactly 0 (the reference gives 0)."""
     q, k = rows(256, 128, torch.float32, False, 3.0), rows(256, 128, torch.float32, False, 3.0)
@@ -378,9 +371,7 @@ def test_reductions(backend):
     # a non-uniform upstream gradient on the per-row losses
     qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
     weights = torch.rand(37, dtype=torch.float64) + 0.5
-    (
-        moco_fast.info_nce(qq, kk, n, 0.07, reduction="none", backend=backend) * weights.float()
-    ).sum().backward()
+    (moco_fast.info_nce(qq, kk, n, 0.07, reduction="none", backend=backend) * weights.float()).sum().backward()
     q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
     logits = torch.cat([(q64 * k64).sum(1, keepdim=True), q64 @ n.double().T], 1) / 0.07
     (F.cross_entropy(logits, torch.zeros(37, dtype=torch.long), reduction="none") * weights).sum().backward()
@@ -398,9 +389,7 @@ def test_gradcheck_float64(backend, num_keys):
         fn = lambda a, b, c, r=reduction: moco_fast.info_nce(a, b, c, 0.3, reduction=r, backend=backend)
         assert torch.autograd.gradcheck(fn, (q, k, n), eps=1e-6, atol=1e-8, rtol=1e-6)
         # negatives without grad: the fast path that never reads them in the backward
-        fn2 = lambda a, b, r=reduction: moco_fast.info_nce(
-            a, b, n.detach(), 0.3, reduction=r, backend=backend
-        )
+        fn2 = lambda a, b, r=reduction: moco_fast.info_nce(a, b, n.detach(), 0.3, reduction=r, backend=backend)
         assert torch.autograd.gradcheck(fn2, (q, k), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
@@ -506,9 +495,7 @@ def test_lse_matches_float64_logsumexp(backend, dtypes):
     ]:
         q, k = rows(batch, dim, dq_t, normalized), rows(batch, dim, dk_t, normalized)
         n = rows(num_keys, dim, dn_t, normalized)
-        _, stats = moco_fast.info_nce(
-            q, k, n, temperature, backend=backend, reduction="none", return_stats=True
-        )
+        _, stats = moco_fast.info_nce(q, k, n, temperature, backend=backend, reduction="none", return_stats=True)
         ref = oracle(q, k, n, temperature)
         scales = error_scales(q, k, n, temperature)
         assert stats.lse.dtype == torch.float32

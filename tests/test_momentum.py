@@ -119,8 +119,7 @@ def test_tensor_list_form_equals_formula(backend):
 def test_tensor_list_form_accepts_parameters_and_tuples():
     a, b = nn.Linear(4, 3), nn.Linear(4, 3)
     expected = [
-        p.detach() * 0.9 + q.detach() * (1.0 - 0.9)
-        for p, q in zip(a.parameters(), b.parameters(), strict=True)
+        p.detach() * 0.9 + q.detach() * (1.0 - 0.9) for p, q in zip(a.parameters(), b.parameters(), strict=True)
     ]
     momentum_update(tuple(a.parameters()), list(b.parameters()), 0.9)
     for p, e in zip(a.parameters(), expected, strict=True):
@@ -143,9 +142,7 @@ def test_half_precision_rounded_once(dtype, momentum):
     shapes = [(33, 7), (1000,), (5, 5, 5)]
     targets = [torch.randn(s).to(dtype) for s in shapes]
     sources = [(t.float() + 0.1 * torch.randn(t.shape)).to(dtype) for t in targets]
-    exact = [
-        t.double() * momentum + s.double() * (1.0 - momentum) for t, s in zip(targets, sources, strict=True)
-    ]
+    exact = [t.double() * momentum + s.double() * (1.0 - momentum) for t, s in zip(targets, sources, strict=True)]
     stays = [t.clone() for t in targets]
     momentum_update(targets, sources, momentum)
     changed = 0

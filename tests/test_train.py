@@ -7,22 +7,35 @@ import json
 import os
 import socket
 
-# No importorskip: these tests need the "train" extra (torchvision, mlxtend, matplotlib), and a CI without it
-# must fail loudly rather than skip the resume and 2-process tests. Install with: pip install -e ".[test,train]"
-import mlxtend  # noqa: F401
 import pytest
 import torch
-import torchvision  # noqa: F401
+from conftest import train_dependency
 
-from moco_fast.train import PRESETS, ConfigError, resolve, train
-from moco_fast.train import checkpoint as ckpt_io
-from moco_fast.train.__main__ import main
-from moco_fast.train.augment import AugmentConfig, BatchAugment
-from moco_fast.train.data import Order, generator, load_mnist5k
-from moco_fast.train.knn import knn_predict
+# These tests need the "train" extra: they skip without it, except in CI (MOCO_FAST_REQUIRE_TRAIN_DEPS=1), which
+# must fail loudly rather than skip the resume and 2-process tests. Install with: pip install -e ".[test,train]"
+for _name in ("torchvision", "mlxtend", "matplotlib", "tqdm"):
+    train_dependency(_name)
 
-TINY = dict(limit_train=96, held_out=64, epochs=2, batch_size=16, queue_size=48, width=4, dim=16, threads=1,
-            quiet=True, plot=False, knn_k=20)
+from moco_fast.train import PRESETS, ConfigError, resolve, train  # noqa: E402
+from moco_fast.train import checkpoint as ckpt_io  # noqa: E402
+from moco_fast.train.__main__ import main  # noqa: E402
+from moco_fast.train.augment import AugmentConfig, BatchAugment  # noqa: E402
+from moco_fast.train.data import Order, generator, load_mnist5k  # noqa: E402
+from moco_fast.train.knn import knn_predict  # noqa: E402
+
+TINY = dict(
+    limit_train=96,
+    held_out=64,
+    epochs=2,
+    batch_size=16,
+    queue_size=48,
+    width=4,
+    dim=16,
+    threads=1,
+    quiet=True,
+    plot=False,
+    knn_k=20,
+)
 
 
 def tiny(tmp_path, name, **kw):
@@ -230,8 +243,15 @@ def test_image_folder(tmp_path):
         for i in range(10):
             arr = (torch.rand(30, 30, 3, generator=g) * 255).to(torch.uint8).numpy()
             Image.fromarray(arr).save(tmp_path / "imgs" / cls / f"{i}.png")
-    kw = dict(data=str(tmp_path / "imgs"), model="cnn", epochs=1, batch_size=6, queue_size=12, workers=0,
-              held_out_fraction=0.2)
+    kw = dict(
+        data=str(tmp_path / "imgs"),
+        model="cnn",
+        epochs=1,
+        batch_size=6,
+        queue_size=12,
+        workers=0,
+        held_out_fraction=0.2,
+    )
     s1 = train(tiny(tmp_path, "f1", **kw))
     s2 = train(tiny(tmp_path, "f2", **kw))
     assert s1["num_train"] == 16 and s1["global_step"] == 2
@@ -250,8 +270,14 @@ def _free_port():
 
 
 def _ddp_worker(rank, world, port, out, overrides):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        GLOO_SOCKET_IFNAME="lo",
+    )
     from moco_fast.train.config import resolve as resolve_
     from moco_fast.train.loop import Trainer
 
@@ -259,11 +285,16 @@ def _ddp_worker(rank, world, port, out, overrides):
     try:
         trainer.run()
         m = trainer.model
-        torch.save({
-            "keys": m.queue.keys.clone(), "ptr": m.queue.ptr.clone(), "count": m.queue.count.clone(),
-            "q": [p.detach().clone() for p in m.encoder_q.parameters()],
-            "k": [p.detach().clone() for p in m.encoder_k.parameters()],
-        }, os.path.join(out, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "keys": m.queue.keys.clone(),
+                "ptr": m.queue.ptr.clone(),
+                "count": m.queue.count.clone(),
+                "q": [p.detach().clone() for p in m.encoder_q.parameters()],
+                "k": [p.detach().clone() for p in m.encoder_k.parameters()],
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
     finally:
         trainer.close()
 
@@ -271,8 +302,7 @@ def _ddp_worker(rank, world, port, out, overrides):
 def test_two_processes_share_one_queue(tmp_path):
     import torch.multiprocessing as mp
 
-    overrides = {**TINY, "out": str(tmp_path / "ddp"), "batch_size": 8, "queue_size": 64, "max_steps": 3,
-                 "epochs": 1}
+    overrides = {**TINY, "out": str(tmp_path / "ddp"), "batch_size": 8, "queue_size": 64, "max_steps": 3, "epochs": 1}
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), overrides), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # 3 steps x global batch 16 keys, all-gathered: both ranks hold the same 48 keys in the same order

@@ -29,9 +29,7 @@ elif HAS_CUDA:
 else:
     pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
 
-needs_gpu = pytest.mark.skipif(
-    not HAS_CUDA or KN.INTERPRETED, reason="needs a CUDA GPU (not the interpreter)"
-)
+needs_gpu = pytest.mark.skipif(not HAS_CUDA or KN.INTERPRETED, reason="needs a CUDA GPU (not the interpreter)")
 TEMP = 0.07
 
 
@@ -82,9 +80,7 @@ def check_rank(rank, pos, neg, eps=1e-4):
     rank = rank.cpu()
     assert rank.dtype == torch.int64
     bad = ((rank < lo.cpu()) | (rank > hi.cpu())).nonzero().flatten().tolist()
-    assert not bad, (
-        f"rank wrong at rows {bad[:5]}: got {rank[bad[:5]].tolist()}, exact {lo[bad[:5]].tolist()}"
-    )
+    assert not bad, f"rank wrong at rows {bad[:5]}: got {rank[bad[:5]].tolist()}, exact {lo[bad[:5]].tolist()}"
 
 
 def make(B, K, d, dq=torch.float32, dk=None, dn=None, *, normalize=True, device=DEV, seed=0):

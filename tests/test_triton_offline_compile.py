@@ -194,9 +194,7 @@ def specs():
                         d="i32",
                     ),
                     divisible=["B", "K", "d"],
-                    consts=dict(
-                        NORMALIZE=norm, COMPUTE=("tl", "float32"), BLOCK_R=H.enqueue_block_r(dp), D_PAD=dp
-                    ),
+                    consts=dict(NORMALIZE=norm, COMPUTE=("tl", "float32"), BLOCK_R=H.enqueue_block_r(dp), D_PAD=dp),
                     num_warps=8,
                     num_stages=3,
                 )
@@ -301,9 +299,7 @@ def _worker(out_path: str, shard: int = 0, num_shards: int = 1) -> None:
             with open(cubin, "wb") as fh:
                 fh.write(compiled.asm["cubin"])
             sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True).stdout
-            usage = subprocess.run(
-                [cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True
-            ).stdout
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
             res["regs"] = int(m.group(1)) if (m := re.search(r"REG:(\d+)", usage)) else -1
             res["local"] = int(m.group(1)) if (m := re.search(r"LOCAL:(\d+)", usage)) else -1
             res["stack"] = int(m.group(1)) if (m := re.search(r"STACK:(\d+)", usage)) else -1
@@ -384,9 +380,7 @@ def test_config_builds_fits_and_does_not_spill(compiled, name):
     assert "error" not in r, r.get("error")
     limit = SMEM_LIMIT[r["cc"]]
     assert r["shared"] <= limit, f"{name}: {r['shared']} B shared memory > {limit}"
-    assert r["ldl_stl"] == 0 and r["local"] == 0, (
-        f"{name}: spills (LDL/STL {r['ldl_stl']}, LOCAL {r['local']})"
-    )
+    assert r["ldl_stl"] == 0 and r["local"] == 0, f"{name}: spills (LDL/STL {r['ldl_stl']}, LOCAL {r['local']})"
     assert r["sass_lines"] > 10
 
 

@@ -36,19 +36,41 @@ def run_study(name: str, values: list, seeds: list[int], epochs: int, runs_dir: 
     for value in values:
         accs, times = [], []
         for seed in seeds:
-            overrides = {**extra, field: value, "seed": seed, "epochs": epochs, "quiet": True, "plot": False,
-                         "knn_every": epochs, "out": os.path.join(runs_dir, f"{name}_{value}_s{seed}")}
+            overrides = {
+                **extra,
+                field: value,
+                "seed": seed,
+                "epochs": epochs,
+                "quiet": True,
+                "plot": False,
+                "knn_every": epochs,
+                "out": os.path.join(runs_dir, f"{name}_{value}_s{seed}"),
+            }
             t0 = time.perf_counter()
             summary = train(resolve(overrides))
             times.append(time.perf_counter() - t0)
             accs.append(summary["final_knn"])
             print(f"{field}={value} seed={seed}: kNN {summary['final_knn']:.4f} ({times[-1]:.0f} s)", flush=True)
-        rows.append({field: value, "knn_mean": statistics.fmean(accs),
-                     "knn_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     "knn_per_seed": accs, "seconds_per_run": statistics.fmean(times)})
-    return {"study": name, "field": field, "epochs": epochs, "seeds": seeds, "extra": extra, "rows": rows,
-            "baselines": summary["baselines"], "preset": summary["config"]["preset"],
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        rows.append(
+            {
+                field: value,
+                "knn_mean": statistics.fmean(accs),
+                "knn_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "knn_per_seed": accs,
+                "seconds_per_run": statistics.fmean(times),
+            }
+        )
+    return {
+        "study": name,
+        "field": field,
+        "epochs": epochs,
+        "seeds": seeds,
+        "extra": extra,
+        "rows": rows,
+        "baselines": summary["baselines"],
+        "preset": summary["config"]["preset"],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def write(result: dict, out: str, filename: str | None = None) -> None:
@@ -59,8 +81,15 @@ def write(result: dict, out: str, filename: str | None = None) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow([field, "knn_mean", "knn_std", "knn_per_seed", "seconds_per_run"])
     for r in result["rows"]:
-        w.writerow([r[field], f"{r['knn_mean']:.4f}", f"{r['knn_std']:.4f}",
-                    " ".join(f"{a:.4f}" for a in r["knn_per_seed"]), f"{r['seconds_per_run']:.0f}"])
+        w.writerow(
+            [
+                r[field],
+                f"{r['knn_mean']:.4f}",
+                f"{r['knn_std']:.4f}",
+                " ".join(f"{a:.4f}" for a in r["knn_per_seed"]),
+                f"{r['seconds_per_run']:.0f}",
+            ]
+        )
     atomic_write_text(buf.getvalue(), base + ".csv")
     try:
         import matplotlib
@@ -71,8 +100,14 @@ def write(result: dict, out: str, filename: str | None = None) -> None:
         return
     xs = [str(r[field]) for r in result["rows"]]
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
-    ax.errorbar(range(len(xs)), [r["knn_mean"] for r in result["rows"]], yerr=[r["knn_std"] for r in result["rows"]],
-                fmt="o-", capsize=3, label=f"MoCo, {result['epochs']} epochs")
+    ax.errorbar(
+        range(len(xs)),
+        [r["knn_mean"] for r in result["rows"]],
+        yerr=[r["knn_std"] for r in result["rows"]],
+        fmt="o-",
+        capsize=3,
+        label=f"MoCo, {result['epochs']} epochs",
+    )
     for (label, key), style in zip((("random init", "knn_random_init"), ("raw pixels", "knn_raw_pixels")), (":", "--")):
         if result["baselines"].get(key) is not None:
             ax.axhline(result["baselines"][key], color="gray", ls=style, lw=1, label=label)
@@ -80,8 +115,11 @@ def write(result: dict, out: str, filename: str | None = None) -> None:
     ax.set_xlabel(field)
     ax.set_ylabel("held-out kNN top-1")
     extra = ", ".join(f"{k}={v}" for k, v in result["extra"].items())
-    ax.set_title(f"MNIST-5k, {name} ablation, preset {result['preset']}{', ' + extra if extra else ''} "
-                 f"({len(result['seeds'])} seeds)", fontsize=8)
+    ax.set_title(
+        f"MNIST-5k, {name} ablation, preset {result['preset']}{', ' + extra if extra else ''} "
+        f"({len(result['seeds'])} seeds)",
+        fontsize=8,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -90,8 +128,11 @@ def write(result: dict, out: str, filename: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moco_fast.train.ablations", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m moco_fast.train.ablations",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("study", choices=sorted(STUDIES))
     p.add_argument("--values", type=str, default=None, help="comma-separated values (default: the study's list)")
     p.add_argument("--seeds", type=str, default="0", help="comma-separated seeds (default 0)")
@@ -99,8 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results", help="folder of the table and plot")
     p.add_argument("--runs-dir", default="runs/ablations", help="folder of the individual runs' logs")
     p.add_argument("--name", default=None, help="file name of the table and plot (default train_ablation_STUDY)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field of every run (repeatable), e.g. --set batch_size=64")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field of every run (repeatable), e.g. --set batch_size=64",
+    )
     args = p.parse_args(argv)
     field, default_values = STUDIES[args.study]
     cast = float if field == "momentum" else int

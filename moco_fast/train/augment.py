@@ -27,16 +27,16 @@ from torch import Tensor
 class AugmentConfig:
     """Parameters of one view (both views use the same distribution)."""
 
-    size: int = 28                        # output side
-    crop_scale: tuple[float, float] = (0.6, 1.0)   # area fraction of RandomResizedCrop
+    size: int = 28  # output side
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # area fraction of RandomResizedCrop
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    rotation: float = 10.0                # degrees, uniform in ±rotation
-    shear: float = 0.0                    # degrees, uniform in ±shear
-    blur_prob: float = 0.0                # MoCo v2 Gaussian blur probability
-    blur_sigma: tuple[float, float] = (0.1, 1.0)   # in pixels of the output
-    brightness: float = 0.0               # multiply by U(1-b, 1+b)
-    contrast: float = 0.0                 # blend with the image mean by U(1-c, 1+c)
-    erase_prob: float = 0.0               # random erasing (cutout) probability
+    rotation: float = 10.0  # degrees, uniform in ±rotation
+    shear: float = 0.0  # degrees, uniform in ±shear
+    blur_prob: float = 0.0  # MoCo v2 Gaussian blur probability
+    blur_sigma: tuple[float, float] = (0.1, 1.0)  # in pixels of the output
+    brightness: float = 0.0  # multiply by U(1-b, 1+b)
+    contrast: float = 0.0  # blend with the image mean by U(1-c, 1+c)
+    erase_prob: float = 0.0  # random erasing (cutout) probability
     erase_scale: tuple[float, float] = (0.02, 0.15)
     mean: tuple[float, ...] = (0.1307,)
     std: tuple[float, ...] = (0.3081,)
@@ -151,8 +151,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-def torchvision_views(version: str, size: int, crop_min: float, blur_prob: float,
-                      mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def torchvision_views(version: str, size: int, crop_min: float, blur_prob: float, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The official MoCo augmentation: "v1" (MoCo v1 / InstDisc) or "v2" (SimCLR-style + blur)."""
     from torchvision import transforms as T
 

@@ -25,13 +25,13 @@ class TrainConfig:
     preset: str | None = None
     data: str | None = None
     cifar10: str | None = None
-    held_out: int = 1000                 # MNIST-5k: held-out images (the rest trains)
-    held_out_fraction: float = 0.1       # ImageFolder without train/ and val/: held-out fraction
-    workers: int = 2                     # loader processes for --data / --cifar10
-    limit_train: int = 0                 # MNIST-5k: train on the first N training images only (0: all)
+    held_out: int = 1000  # MNIST-5k: held-out images (the rest trains)
+    held_out_fraction: float = 0.1  # ImageFolder without train/ and val/: held-out fraction
+    workers: int = 2  # loader processes for --data / --cifar10
+    limit_train: int = 0  # MNIST-5k: train on the first N training images only (0: all)
     # --- model and MoCo
     model: str = "cnn"
-    width: int = 16                      # cnn only: channels of the first conv
+    width: int = 16  # cnn only: channels of the first conv
     dim: int = 128
     queue_size: int = 2048
     temperature: float = 0.2
@@ -40,24 +40,24 @@ class TrainConfig:
     final_momentum: float = 1.0
     mlp: bool = True
     symmetric: bool = False
-    bn_splits: int = 2                   # single-process shuffle-BN emulation (key batch in N chunks)
+    bn_splits: int = 2  # single-process shuffle-BN emulation (key batch in N chunks)
     queue_dtype: str = "float32"
     # --- optimization
     epochs: int = 50
-    batch_size: int = 64                 # per process
+    batch_size: int = 64  # per process
     lr: float = 0.12
     weight_decay: float = 5e-4
     sgd_momentum: float = 0.9
-    lr_schedule: str = "cosine"          # "cosine" | "step" | "constant"
-    lr_milestones: tuple[float, ...] = (0.6, 0.8)   # "step": fractions of training, lr × 0.1 at each
+    lr_schedule: str = "cosine"  # "cosine" | "step" | "constant"
+    lr_milestones: tuple[float, ...] = (0.6, 0.8)  # "step": fractions of training, lr × 0.1 at each
     warmup_epochs: float = 0.0
     # --- augmentation
-    aug: str = "v2"                      # torchvision pipeline for --data / --cifar10: "v1" | "v2"
-    crop_min: float = 0.6                # RandomResizedCrop scale (crop_min, 1)
-    rotation: float = 10.0               # in-memory images: degrees
+    aug: str = "v2"  # torchvision pipeline for --data / --cifar10: "v1" | "v2"
+    crop_min: float = 0.6  # RandomResizedCrop scale (crop_min, 1)
+    rotation: float = 10.0  # in-memory images: degrees
     shear: float = 0.0
     blur_prob: float = 0.5
-    blur_sigma: float = 1.0              # in-memory images: max sigma in pixels (min 0.1)
+    blur_sigma: float = 1.0  # in-memory images: max sigma in pixels (min 0.1)
     brightness: float = 0.0
     contrast: float = 0.0
     erase_prob: float = 0.0
@@ -65,20 +65,20 @@ class TrainConfig:
     knn_k: int = 200
     knn_t: float = 0.1
     knn_every: int = 1
-    knn_features: str = "backbone"      # "backbone" (before fc) | "head" (the contrastive output)
+    knn_features: str = "backbone"  # "backbone" (before fc) | "head" (the contrastive output)
     out: str = "runs/moco_fast_train"
     quiet: bool = False
     plot: bool = True
     # --- checkpoints
-    resume: str | None = None            # a checkpoint path, or "auto" (OUT/checkpoint.pt if it exists)
-    save_every: int = 0                  # also checkpoint every N steps (0: at epoch ends only)
-    max_steps: int = 0                   # stop after this global step (checkpoint first); 0: no limit
+    resume: str | None = None  # a checkpoint path, or "auto" (OUT/checkpoint.pt if it exists)
+    save_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    max_steps: int = 0  # stop after this global step (checkpoint first); 0: no limit
     # --- system
     seed: int = 0
-    device: str = "auto"                 # "auto" | "cpu" | "cuda" | "cuda:N"
-    amp: bool = False                    # bf16 autocast
-    backend: str = "auto"                # moco_fast backend for the head, momentum and queue
-    threads: int = 0                     # torch.set_num_threads (0: torch's default)
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: bool = False  # bf16 autocast
+    backend: str = "auto"  # moco_fast backend for the head, momentum and queue
+    threads: int = 0  # torch.set_num_threads (0: torch's default)
     channels_last: bool = False
 
     def to_dict(self) -> dict:
@@ -86,9 +86,25 @@ class TrainConfig:
 
 
 _COMMON_PAPER = dict(
-    model="resnet50", dim=128, queue_size=65536, momentum=0.999, epochs=200, batch_size=256, lr=0.03,
-    weight_decay=1e-4, crop_min=0.2, rotation=0.0, shear=0.0, bn_splits=1, warmup_epochs=0.0,
-    brightness=0.0, contrast=0.0, erase_prob=0.0, blur_sigma=2.0, symmetric=False, momentum_schedule="constant",
+    model="resnet50",
+    dim=128,
+    queue_size=65536,
+    momentum=0.999,
+    epochs=200,
+    batch_size=256,
+    lr=0.03,
+    weight_decay=1e-4,
+    crop_min=0.2,
+    rotation=0.0,
+    shear=0.0,
+    bn_splits=1,
+    warmup_epochs=0.0,
+    brightness=0.0,
+    contrast=0.0,
+    erase_prob=0.0,
+    blur_sigma=2.0,
+    symmetric=False,
+    momentum_schedule="constant",
 )
 
 PRESETS: dict[str, dict] = {
@@ -97,15 +113,49 @@ PRESETS: dict[str, dict] = {
     # Chen et al. 2020 (MoCo v2): MLP head, T 0.2, Gaussian blur, cosine lr.
     "mocov2": dict(_COMMON_PAPER, temperature=0.2, mlp=True, aug="v2", blur_prob=0.5, lr_schedule="cosine"),
     # The MoCo CIFAR-10 demo: ResNet-18 CIFAR stem, K 4096, m 0.99, T 0.1, lr 0.06, wd 5e-4, bn_splits 8.
-    "cifar": dict(_COMMON_PAPER, model="resnet18", queue_size=4096, momentum=0.99, temperature=0.1, mlp=False,
-                  aug="v2", blur_prob=0.0, lr_schedule="cosine", lr=0.06, weight_decay=5e-4, batch_size=512,
-                  crop_min=0.08, bn_splits=8),
+    "cifar": dict(
+        _COMMON_PAPER,
+        model="resnet18",
+        queue_size=4096,
+        momentum=0.99,
+        temperature=0.1,
+        mlp=False,
+        aug="v2",
+        blur_prob=0.0,
+        lr_schedule="cosine",
+        lr=0.06,
+        weight_decay=5e-4,
+        batch_size=512,
+        crop_min=0.08,
+        bn_splits=8,
+    ),
     # MoCo v2 tuned for MNIST-5k on a 2-core CPU (see the README): small CNN, short cosine schedule.
     "mnist": dict(
-        model="cnn", width=16, dim=128, queue_size=2048, temperature=0.2, momentum=0.99, mlp=True, aug="v2",
-        epochs=50, batch_size=64, lr=0.12, weight_decay=5e-4, lr_schedule="cosine", warmup_epochs=0.0,
-        crop_min=0.6, rotation=10.0, shear=0.0, blur_prob=0.5, blur_sigma=1.0, brightness=0.0, contrast=0.0,
-        erase_prob=0.0, bn_splits=2, symmetric=False, momentum_schedule="constant",
+        model="cnn",
+        width=16,
+        dim=128,
+        queue_size=2048,
+        temperature=0.2,
+        momentum=0.99,
+        mlp=True,
+        aug="v2",
+        epochs=50,
+        batch_size=64,
+        lr=0.12,
+        weight_decay=5e-4,
+        lr_schedule="cosine",
+        warmup_epochs=0.0,
+        crop_min=0.6,
+        rotation=10.0,
+        shear=0.0,
+        blur_prob=0.5,
+        blur_sigma=1.0,
+        brightness=0.0,
+        contrast=0.0,
+        erase_prob=0.0,
+        bn_splits=2,
+        symmetric=False,
+        momentum_schedule="constant",
         # This CNN at batch 64 gains nothing from a second thread (measured: 131 s with 1, 133 s with 2),
         # and one thread keeps a busy machine's other core free; --threads 0 gives torch's default.
         threads=1,
@@ -160,8 +210,11 @@ def validate(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.momentum <= 1.0 or not 0.0 <= cfg.final_momentum <= 1.0:
         raise ConfigError(f"momentum must be in [0, 1], got {cfg.momentum} (final {cfg.final_momentum})")
     choices = {
-        "momentum_schedule": ("constant", "cosine"), "lr_schedule": ("cosine", "step", "constant"),
-        "aug": ("v1", "v2"), "knn_features": ("backbone", "head"), "queue_dtype": ("float32", "bfloat16", "float16"),
+        "momentum_schedule": ("constant", "cosine"),
+        "lr_schedule": ("cosine", "step", "constant"),
+        "aug": ("v1", "v2"),
+        "knn_features": ("backbone", "head"),
+        "queue_dtype": ("float32", "bfloat16", "float16"),
         "backend": ("auto", "cuda", "triton", "torch", "reference"),
     }
     for name, allowed in choices.items():
@@ -225,8 +278,10 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="moco-fast-train", description="MoCo training on top of moco_fast (MoCoHead, MomentumEncoder, KeyQueue).",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="moco-fast-train",
+        description="MoCo training on top of moco_fast (MoCoHead, MomentumEncoder, KeyQueue).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     P = "(preset)"
 
@@ -255,8 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--mlp", _bool, f"MLP projection head (MoCo v2) {P}", "BOOL")
     add(g, "--symmetric", _bool, f"symmetrized loss over both view orders {P}", "BOOL")
     add(g, "--bn-splits", int, f"single process: encode keys in N shuffled chunks (shuffle-BN emulation) {P}", "N")
-    add(g, "--queue-dtype", str, "float32 | bfloat16 | float16 (default float32)", "DTYPE",
-        ("float32", "bfloat16", "float16"))
+    add(
+        g,
+        "--queue-dtype",
+        str,
+        "float32 | bfloat16 | float16 (default float32)",
+        "DTYPE",
+        ("float32", "bfloat16", "float16"),
+    )
 
     g = p.add_argument_group("optimization")
     add(g, "--epochs", int, P, "N")
@@ -284,8 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--knn-t", float, "kNN temperature (default 0.1)", "T")
     add(g, "--knn-every", int, "kNN every N epochs (and after the last; default 1)", "N")
     add(g, "--knn-features", str, "backbone (before fc) | head (default backbone)", "F", ("backbone", "head"))
-    add(g, "--out", str, "output folder: checkpoint.pt, metrics.csv/.json, plot.png (default runs/moco_fast_train)",
-        "DIR")
+    add(
+        g,
+        "--out",
+        str,
+        "output folder: checkpoint.pt, metrics.csv/.json, plot.png (default runs/moco_fast_train)",
+        "DIR",
+    )
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bars or per-epoch lines")
     g.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip plot.png")
     g.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
@@ -299,8 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--seed", int, "(default 0)", "N")
     add(g, "--device", str, "auto | cpu | cuda | cuda:N (default auto; under torchrun cuda:LOCAL_RANK)", "DEV")
     g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (encoders and kNN features)")
-    add(g, "--backend", str, "moco_fast backend: auto | cuda | triton | torch | reference (default auto)", "NAME",
-        ("auto", "cuda", "triton", "torch", "reference"))
+    add(
+        g,
+        "--backend",
+        str,
+        "moco_fast backend: auto | cuda | triton | torch | reference (default auto)",
+        "NAME",
+        ("auto", "cuda", "triton", "torch", "reference"),
+    )
     add(g, "--threads", int, f"torch.set_num_threads, 0: torch's choice {P}", "N")
     g.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format")
     return p

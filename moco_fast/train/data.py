@@ -122,8 +122,15 @@ class TensorSource:
 
     kind = "tensor"
 
-    def __init__(self, train_images: Tensor, train_labels: Tensor, test_images: Tensor, test_labels: Tensor,
-                 augment: AugmentConfig, name: str = "tensor"):
+    def __init__(
+        self,
+        train_images: Tensor,
+        train_labels: Tensor,
+        test_images: Tensor,
+        test_labels: Tensor,
+        augment: AugmentConfig,
+        name: str = "tensor",
+    ):
         self.train_images, self.train_labels = train_images, train_labels
         self.test_images, self.test_labels = test_images, test_labels
         self.augment_config = augment
@@ -137,8 +144,9 @@ class TensorSource:
     def num_train(self) -> int:
         return self.train_images.shape[0]
 
-    def views(self, order: Order, epoch: int, start_step: int, device: torch.device
-              ) -> Iterator[tuple[int, Tensor, Tensor]]:
+    def views(
+        self, order: Order, epoch: int, start_step: int, device: torch.device
+    ) -> Iterator[tuple[int, Tensor, Tensor]]:
         for step, idx in order.batches(epoch, start_step):
             g = generator(order.seed, 0xA6, epoch, step, order.rank)
             images = self.train_images[idx].to(device, non_blocking=True)
@@ -168,8 +176,9 @@ def mnist5k_source(held_out: int, seed: int, augment: AugmentConfig, limit_train
     if limit_train:  # a random subset (the file is sorted by class)
         keep = torch.randperm(train_idx.shape[0], generator=generator(seed, 0x11))[:limit_train]
         train_idx = train_idx[keep.sort().values]
-    return TensorSource(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], augment,
-                        name="mnist5k")
+    return TensorSource(
+        images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], augment, name="mnist5k"
+    )
 
 
 class _TwoViews(torch.utils.data.Dataset):
@@ -209,8 +218,18 @@ class FolderSource:
 
     kind = "folder"
 
-    def __init__(self, train, test, train_transform, eval_transform_, num_classes: int, in_channels: int,
-                 image_size: int, workers: int, name: str):
+    def __init__(
+        self,
+        train,
+        test,
+        train_transform,
+        eval_transform_,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        workers: int,
+        name: str,
+    ):
         self.train, self.test = train, test
         self.train_transform, self.eval_transform = train_transform, eval_transform_
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
@@ -222,11 +241,16 @@ class FolderSource:
         return len(self.train)
 
     def views(self, order: Order, epoch: int, start_step: int, device: torch.device):
-        batches = [[(int(i), derive_seed(order.seed, 0xF0, epoch, int(i))) for i in idx]
-                   for _, idx in order.batches(epoch, start_step)]
+        batches = [
+            [(int(i), derive_seed(order.seed, 0xF0, epoch, int(i))) for i in idx]
+            for _, idx in order.batches(epoch, start_step)
+        ]
         loader = torch.utils.data.DataLoader(
-            _TwoViews(self.train, self.train_transform), batch_sampler=batches, num_workers=self.workers,
-            pin_memory=device.type == "cuda", persistent_workers=False,
+            _TwoViews(self.train, self.train_transform),
+            batch_sampler=batches,
+            num_workers=self.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
         )
         for step, (v1, v2) in enumerate(loader, start=start_step):
             yield step, v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
@@ -247,8 +271,17 @@ def _split_dataset(dataset, held_out_fraction: float, seed: int):
     return (torch.utils.data.Subset(dataset, train_idx.tolist()), torch.utils.data.Subset(dataset, test_idx.tolist()))
 
 
-def image_folder_source(root: str, *, version: str, size: int, crop_min: float, blur_prob: float,
-                        held_out_fraction: float, seed: int, workers: int) -> FolderSource:
+def image_folder_source(
+    root: str,
+    *,
+    version: str,
+    size: int,
+    crop_min: float,
+    blur_prob: float,
+    held_out_fraction: float,
+    seed: int,
+    workers: int,
+) -> FolderSource:
     """``root`` is an ImageFolder (class subfolders); ``root/train`` + ``root/val`` are used if present."""
     from torchvision.datasets import ImageFolder
 
@@ -268,8 +301,15 @@ def image_folder_source(root: str, *, version: str, size: int, crop_min: float, 
     except (FileNotFoundError, RuntimeError) as exc:
         raise SystemExit(f"--data {root!r} is not an ImageFolder (one subfolder of images per class): {exc}") from exc
     return FolderSource(
-        train, test, torchvision_views(version, size, crop_min, blur_prob),
-        torchvision_eval(size, int(round(size * 256 / 224))), classes, 3, size, workers, name=f"folder:{root}",
+        train,
+        test,
+        torchvision_views(version, size, crop_min, blur_prob),
+        torchvision_eval(size, int(round(size * 256 / 224))),
+        classes,
+        3,
+        size,
+        workers,
+        name=f"folder:{root}",
     )
 
 
@@ -290,6 +330,13 @@ def cifar10_source(root: str, *, version: str, crop_min: float, blur_prob: float
             "as written by torchvision.datasets.CIFAR10(download=True). This tool never downloads."
         ) from exc
     return FolderSource(
-        train, test, torchvision_views(version, 32, crop_min, blur_prob, CIFAR_MEAN, CIFAR_STD),
-        torchvision_eval(32, None, CIFAR_MEAN, CIFAR_STD), 10, 3, 32, workers, name="cifar10",
+        train,
+        test,
+        torchvision_views(version, 32, crop_min, blur_prob, CIFAR_MEAN, CIFAR_STD),
+        torchvision_eval(32, None, CIFAR_MEAN, CIFAR_STD),
+        10,
+        3,
+        32,
+        workers,
+        name="cifar10",
     )

@@ -15,8 +15,15 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def knn_predict(features: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int,
-                k: int = 200, t: float = 0.1, chunk: int = 1024) -> Tensor:
+def knn_predict(
+    features: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    num_classes: int,
+    k: int = 200,
+    t: float = 0.1,
+    chunk: int = 1024,
+) -> Tensor:
     """Predicted labels (N,) of ``features`` (N, D) against ``bank`` (M, D); all rows L2-normalized."""
     k = min(k, bank.shape[0])
     preds = []
@@ -31,8 +38,15 @@ def knn_predict(features: Tensor, bank: Tensor, bank_labels: Tensor, num_classes
     return torch.cat(preds)
 
 
-def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-                 num_classes: int | None = None, k: int = 200, t: float = 0.1) -> float:
+def knn_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    num_classes: int | None = None,
+    k: int = 200,
+    t: float = 0.1,
+) -> float:
     """Top-1 accuracy of the weighted kNN classifier (features are normalized here)."""
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -43,8 +57,9 @@ def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Te
 
 
 @torch.no_grad()
-def extract(fn: Callable[[Tensor], Tensor], batches: Iterable[tuple[Tensor, Tensor]],
-            device: torch.device) -> tuple[Tensor, Tensor]:
+def extract(
+    fn: Callable[[Tensor], Tensor], batches: Iterable[tuple[Tensor, Tensor]], device: torch.device
+) -> tuple[Tensor, Tensor]:
     """Run ``fn`` over (images, labels) batches; returns (features (N, D) float on device, labels (N,))."""
     feats, labels = [], []
     for images, y in batches:

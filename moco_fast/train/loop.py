@@ -84,19 +84,34 @@ def build_source(cfg: TrainConfig):
     kind = dataset_kind(cfg)
     if kind == "mnist":
         aug = AugmentConfig(
-            size=28, crop_scale=(cfg.crop_min, 1.0), rotation=cfg.rotation, shear=cfg.shear,
-            blur_prob=cfg.blur_prob, blur_sigma=(0.1, max(0.1, cfg.blur_sigma)), brightness=cfg.brightness,
-            contrast=cfg.contrast, erase_prob=cfg.erase_prob,
+            size=28,
+            crop_scale=(cfg.crop_min, 1.0),
+            rotation=cfg.rotation,
+            shear=cfg.shear,
+            blur_prob=cfg.blur_prob,
+            blur_sigma=(0.1, max(0.1, cfg.blur_sigma)),
+            brightness=cfg.brightness,
+            contrast=cfg.contrast,
+            erase_prob=cfg.erase_prob,
         )
         if not 0 < cfg.held_out < 5000:
             raise ConfigError(f"held_out must be in (0, 5000) for MNIST-5k, got {cfg.held_out}")
         return mnist5k_source(cfg.held_out, SPLIT_SEED, aug, limit_train=cfg.limit_train)
     if kind == "cifar10":
-        return cifar10_source(cfg.cifar10, version=cfg.aug, crop_min=cfg.crop_min, blur_prob=cfg.blur_prob,
-                              workers=cfg.workers)
+        return cifar10_source(
+            cfg.cifar10, version=cfg.aug, crop_min=cfg.crop_min, blur_prob=cfg.blur_prob, workers=cfg.workers
+        )
     size = 224 if cfg.model == "resnet50" else 32 if cfg.model == "resnet18" else 28
-    return image_folder_source(cfg.data, version=cfg.aug, size=size, crop_min=cfg.crop_min, blur_prob=cfg.blur_prob,
-                               held_out_fraction=cfg.held_out_fraction, seed=SPLIT_SEED, workers=cfg.workers)
+    return image_folder_source(
+        cfg.data,
+        version=cfg.aug,
+        size=size,
+        crop_min=cfg.crop_min,
+        blur_prob=cfg.blur_prob,
+        held_out_fraction=cfg.held_out_fraction,
+        seed=SPLIT_SEED,
+        workers=cfg.workers,
+    )
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
@@ -123,10 +138,18 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def build_model(cfg: TrainConfig, in_channels: int, total_steps: int) -> MoCo:
     factory = encoder_factory(cfg.model, in_channels, cfg.width)
     return MoCo(
-        factory, dim=cfg.dim, K=cfg.queue_size, m=cfg.momentum, T=cfg.temperature, mlp=cfg.mlp,
-        symmetric=cfg.symmetric, bn_splits=cfg.bn_splits,
+        factory,
+        dim=cfg.dim,
+        K=cfg.queue_size,
+        m=cfg.momentum,
+        T=cfg.temperature,
+        mlp=cfg.mlp,
+        symmetric=cfg.symmetric,
+        bn_splits=cfg.bn_splits,
         momentum_schedule="cosine" if cfg.momentum_schedule == "cosine" else None,
-        final_momentum=cfg.final_momentum, total_steps=total_steps, queue_dtype=_DTYPES[cfg.queue_dtype],
+        final_momentum=cfg.final_momentum,
+        total_steps=total_steps,
+        queue_dtype=_DTYPES[cfg.queue_dtype],
         backend=cfg.backend,
     )
 
@@ -178,10 +201,14 @@ class Trainer:
             )
         if self.order.steps_per_epoch < 1:
             raise ConfigError(
-                f"the global batch {global_batch} is larger than the training set ({self.source.num_train})")
+                f"the global batch {global_batch} is larger than the training set ({self.source.num_train})"
+            )
         if cfg.queue_size > self.source.num_train and rt.main and not cfg.quiet:
-            print(f"note: queue_size {cfg.queue_size} > {self.source.num_train} training images: the queue will hold "
-                  "several keys of the same image", file=sys.stderr)
+            print(
+                f"note: queue_size {cfg.queue_size} > {self.source.num_train} training images: the queue will hold "
+                "several keys of the same image",
+                file=sys.stderr,
+            )
         self.steps_per_epoch = self.order.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
@@ -194,17 +221,19 @@ class Trainer:
             # Buffers are not broadcast: every rank's queue is built by its own all-gather (and the
             # test checks that they agree), so re-sending K x dim keys every step would hide bugs.
             ddp = torch.nn.parallel.DistributedDataParallel
-            no_sync = ({"forward_sync_buffers": False}
-                       if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
-                       else {"broadcast_buffers": False})
+            no_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+                else {"broadcast_buffers": False}
+            )
             self.net = ddp(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, **no_sync)
-        self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum,
-                                         weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(cfg, self.steps_per_epoch, self.total_steps))
-        self.autocast = (
-            (lambda: torch.autocast(rt.device.type, dtype=torch.bfloat16)) if cfg.amp else nullcontext
+        self.optimizer = torch.optim.SGD(
+            self.model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay
         )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(cfg, self.steps_per_epoch, self.total_steps)
+        )
+        self.autocast = (lambda: torch.autocast(rt.device.type, dtype=torch.bfloat16)) if cfg.amp else nullcontext
         self.out = cfg.out
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -229,17 +258,25 @@ class Trainer:
     def save(self) -> None:
         rng = self._gather_rng()  # collective: every rank takes part
         if self.rt.main:
-            ckpt_io.atomic_save({
-                "format": ckpt_io.FORMAT_VERSION,
-                "config": self.cfg.to_dict(),
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "meters": self.meters.state(),
-                "history": self.history, "baselines": self.baselines,
-                "elapsed": self.elapsed(), "world_size": self.rt.world, "rng": rng,
-            }, self.ckpt_path)
+            ckpt_io.atomic_save(
+                {
+                    "format": ckpt_io.FORMAT_VERSION,
+                    "config": self.cfg.to_dict(),
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "epoch": self.epoch,
+                    "step_in_epoch": self.step_in_epoch,
+                    "global_step": self.global_step,
+                    "meters": self.meters.state(),
+                    "history": self.history,
+                    "baselines": self.baselines,
+                    "elapsed": self.elapsed(),
+                    "world_size": self.rt.world,
+                    "rng": rng,
+                },
+                self.ckpt_path,
+            )
         if self.rt.distributed:
             dist.barrier()
 
@@ -250,14 +287,18 @@ class Trainer:
                 return  # nothing to resume: start fresh
         state = ckpt_io.load(path, map_location=self.rt.device)
         if state["world_size"] != self.rt.world:
-            raise ConfigError(f"{path} was written by {state['world_size']} process(es); resume with as many "
-                              f"(now {self.rt.world}) to continue exactly")
+            raise ConfigError(
+                f"{path} was written by {state['world_size']} process(es); resume with as many "
+                f"(now {self.rt.world}) to continue exactly"
+            )
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError) as exc:
-            raise ConfigError(f"{path} does not match this configuration (model, queue or optimizer differ): "
-                              f"{str(exc).splitlines()[0]}") from exc
+            raise ConfigError(
+                f"{path} does not match this configuration (model, queue or optimizer differ): "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
@@ -312,24 +353,34 @@ class Trainer:
         metrics_io.write_csv(self.history, os.path.join(self.out, "metrics.csv"))
         metrics_io.write_json(self.summary(), os.path.join(self.out, "metrics.json"))
         if self.cfg.plot:
-            title = (f"{self.cfg.preset} on {self.source.name}: {self.cfg.model}, K={self.cfg.queue_size}, "
-                     f"m={self.cfg.momentum}, T={self.cfg.temperature}")
-            base = {"random init": self.baselines.get("knn_random_init"),
-                    "raw pixels": self.baselines.get("knn_raw_pixels")}
+            title = (
+                f"{self.cfg.preset} on {self.source.name}: {self.cfg.model}, K={self.cfg.queue_size}, "
+                f"m={self.cfg.momentum}, T={self.cfg.temperature}"
+            )
+            base = {
+                "random init": self.baselines.get("knn_random_init"),
+                "raw pixels": self.baselines.get("knn_raw_pixels"),
+            }
             metrics_io.plot(self.history, os.path.join(self.out, "plot.png"), title, base)
 
     def summary(self) -> dict:
         knn_rows = [r for r in self.history if r.get("knn") is not None and math.isfinite(r["knn"])]
         return {
             "config": self.cfg.to_dict(),
-            "dataset": self.source.name, "num_train": self.source.num_train,
-            "world_size": self.rt.world, "device": str(self.rt.device), "threads": torch.get_num_threads(),
-            "steps_per_epoch": self.steps_per_epoch, "global_step": self.global_step,
-            "epochs_done": self.epoch, "finished": self.epoch >= self.cfg.epochs,
+            "dataset": self.source.name,
+            "num_train": self.source.num_train,
+            "world_size": self.rt.world,
+            "device": str(self.rt.device),
+            "threads": torch.get_num_threads(),
+            "steps_per_epoch": self.steps_per_epoch,
+            "global_step": self.global_step,
+            "epochs_done": self.epoch,
+            "finished": self.epoch >= self.cfg.epochs,
             "baselines": self.baselines,
             "final_knn": knn_rows[-1]["knn"] if knn_rows else None,
             "best_knn": max((r["knn"] for r in knn_rows), default=None),
-            "elapsed_s": self.elapsed(), "resumed_from": self.resumed_from,
+            "elapsed_s": self.elapsed(),
+            "resumed_from": self.resumed_from,
             "history": self.history,
         }
 
@@ -351,15 +402,22 @@ class Trainer:
             if self.rt.distributed:
                 dist.barrier()
         row = {
-            "epoch": self.epoch, "step": self.global_step, **means,
-            "lr": self.optimizer.param_groups[0]["lr"], "momentum": self.model.momentum_encoder.momentum,
-            "knn": knn, "epoch_s": epoch_seconds, "elapsed_s": self.elapsed(),
+            "epoch": self.epoch,
+            "step": self.global_step,
+            **means,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "momentum": self.model.momentum_encoder.momentum,
+            "knn": knn,
+            "epoch_s": epoch_seconds,
+            "elapsed_s": self.elapsed(),
         }
         self.history.append(row)
         self.meters = _Meters()
         knn_text = f"  knn {knn:.4f}" if math.isfinite(knn) else ""
-        self._log(f"epoch {self.epoch}/{cfg.epochs}  loss {means['loss']:.4f}  acc@1 {means['acc1']:.3f}  "
-                  f"lr {row['lr']:.4g}{knn_text}  ({epoch_seconds:.1f} s, total {row['elapsed_s']:.0f} s)")
+        self._log(
+            f"epoch {self.epoch}/{cfg.epochs}  loss {means['loss']:.4f}  acc@1 {means['acc1']:.3f}  "
+            f"lr {row['lr']:.4g}{knn_text}  ({epoch_seconds:.1f} s, total {row['elapsed_s']:.0f} s)"
+        )
 
     def _train_epoch(self) -> bool:
         """Train from the current position to the end of the epoch; False if stopped by max_steps."""
@@ -369,8 +427,14 @@ class Trainer:
         if self._show_bars():
             from tqdm import tqdm
 
-            bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                       leave=False, dynamic_ncols=True, file=sys.stderr)
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=start,
+                desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
         t0 = time.perf_counter()
         seconds_before = self.meters.seconds
         try:
@@ -393,8 +457,9 @@ class Trainer:
                 self.step_in_epoch = step + 1
                 self.meters.seconds = seconds_before + time.perf_counter() - t0
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_v:.3f}", acc1=f"{stats.acc1.item():.3f}", lr=f"{lr:.3g}",
-                                    refresh=False)
+                    bar.set_postfix(
+                        loss=f"{loss_v:.3f}", acc1=f"{stats.acc1.item():.3f}", lr=f"{lr:.3g}", refresh=False
+                    )
                     bar.update(1)
                 last_of_epoch = self.step_in_epoch == self.steps_per_epoch
                 if cfg.save_every and self.global_step % cfg.save_every == 0 and not last_of_epoch:
@@ -412,12 +477,14 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         if rt.main and not cfg.quiet:
             where = f"{rt.world} processes" if rt.distributed else f"1 process, {torch.get_num_threads()} threads"
-            print(f"moco_fast.train: preset {cfg.preset}, {self.source.name} ({self.source.num_train} train), "
-                  f"{cfg.model} ({count_parameters(self.model.encoder_q) / 1e6:.2f} M params), {cfg.epochs} epochs x "
-                  f"{self.steps_per_epoch} steps, global batch {self.order.global_batch}, K {cfg.queue_size}, "
-                  f"m {cfg.momentum}, T {cfg.temperature}, on {rt.device} ({where})"
-                  + (f", resumed from {self.resumed_from} at step {self.global_step}" if self.resumed_from else ""),
-                  flush=True)
+            print(
+                f"moco_fast.train: preset {cfg.preset}, {self.source.name} ({self.source.num_train} train), "
+                f"{cfg.model} ({count_parameters(self.model.encoder_q) / 1e6:.2f} M params), {cfg.epochs} epochs x "
+                f"{self.steps_per_epoch} steps, global batch {self.order.global_batch}, K {cfg.queue_size}, "
+                f"m {cfg.momentum}, T {cfg.temperature}, on {rt.device} ({where})"
+                + (f", resumed from {self.resumed_from} at step {self.global_step}" if self.resumed_from else ""),
+                flush=True,
+            )
         if rt.main:
             os.makedirs(self.out, exist_ok=True)
             ckpt_io.atomic_write_text(config_json(cfg) + "\n", os.path.join(self.out, "config.json"))
@@ -425,14 +492,25 @@ class Trainer:
             if rt.main:
                 self.baselines["knn_raw_pixels"] = self.raw_pixel_knn()
                 self.baselines["knn_random_init"] = self.knn()
-                self._log(f"kNN (k={cfg.knn_k}, t={cfg.knn_t}) on held-out: random-init encoder "
-                          f"{self.baselines['knn_random_init']:.4f}"
-                          + (f", raw pixels {self.baselines['knn_raw_pixels']:.4f}"
-                             if self.baselines["knn_raw_pixels"] is not None else ""))
+                self._log(
+                    f"kNN (k={cfg.knn_k}, t={cfg.knn_t}) on held-out: random-init encoder "
+                    f"{self.baselines['knn_random_init']:.4f}"
+                    + (
+                        f", raw pixels {self.baselines['knn_raw_pixels']:.4f}"
+                        if self.baselines["knn_raw_pixels"] is not None
+                        else ""
+                    )
+                )
             if rt.distributed:
                 dist.barrier()
-            self.history.append({"epoch": 0, "step": 0, "knn": self.baselines.get("knn_random_init", float("nan")),
-                                 "elapsed_s": self.elapsed()})
+            self.history.append(
+                {
+                    "epoch": 0,
+                    "step": 0,
+                    "knn": self.baselines.get("knn_random_init", float("nan")),
+                    "elapsed_s": self.elapsed(),
+                }
+            )
         self.model.train()
         stopped = bool(cfg.max_steps and self.global_step >= cfg.max_steps and self.epoch < cfg.epochs)
         while self.epoch < cfg.epochs and not stopped:
@@ -451,10 +529,12 @@ class Trainer:
                 print(f"stopped at step {self.global_step} (--max-steps); continue with --resume {self.ckpt_path}")
             else:
                 b = self.baselines
-                print(f"done in {result['elapsed_s']:.0f} s: held-out kNN top-1 {result['final_knn']:.4f} "
-                      f"(random init {b.get('knn_random_init', float('nan')):.4f}"
-                      + (f", raw pixels {b['knn_raw_pixels']:.4f}" if b.get("knn_raw_pixels") is not None else "")
-                      + f"); logs in {self.out}")
+                print(
+                    f"done in {result['elapsed_s']:.0f} s: held-out kNN top-1 {result['final_knn']:.4f} "
+                    f"(random init {b.get('knn_random_init', float('nan')):.4f}"
+                    + (f", raw pixels {b['knn_raw_pixels']:.4f}" if b.get("knn_raw_pixels") is not None else "")
+                    + f"); logs in {self.out}"
+                )
         return result
 
     def close(self) -> None:

@@ -51,14 +51,26 @@ def plot(history: list[dict], path: str, title: str = "", baselines: dict | None
     train_rows = [r for r in history if r.get("loss") is not None and math.isfinite(r["loss"])]
     knn_rows = [r for r in history if r.get("knn") is not None and math.isfinite(r["knn"])]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot([r["epoch"] for r in train_rows], [r["loss"] for r in train_rows], "o-", color="tab:blue", ms=3,
-            label="InfoNCE loss (train)")
+    ax.plot(
+        [r["epoch"] for r in train_rows],
+        [r["loss"] for r in train_rows],
+        "o-",
+        color="tab:blue",
+        ms=3,
+        label="InfoNCE loss (train)",
+    )
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss", color="tab:blue")
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
-    ax2.plot([r["epoch"] for r in knn_rows], [r["knn"] for r in knn_rows], "s-", color="tab:red", ms=3,
-             label="kNN top-1 (held-out)")
+    ax2.plot(
+        [r["epoch"] for r in knn_rows],
+        [r["knn"] for r in knn_rows],
+        "s-",
+        color="tab:red",
+        ms=3,
+        label="kNN top-1 (held-out)",
+    )
     for (name, value), style in zip((baselines or {}).items(), (":", "--", "-.")):
         if value is not None:
             ax2.axhline(value, color="gray", ls=style, lw=1, label=f"{name} {value:.3f}")

@@ -30,8 +30,14 @@ class SmallCNN(nn.Module):
     three points over global average pooling at the same cost.
     """
 
-    def __init__(self, num_classes: int = 128, in_channels: int = 1, width: int = 16, pool: int = 3,
-                 norm_layer: Callable[[int], nn.Module] | None = None):
+    def __init__(
+        self,
+        num_classes: int = 128,
+        in_channels: int = 1,
+        width: int = 16,
+        pool: int = 3,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+    ):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         w = width
@@ -105,5 +111,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "SmallCNN", "backbone_features", "count_parameters", "encoder_factory",
-           "resnet18_cifar", "resnet50"]
+__all__ = [
+    "MODELS",
+    "SmallCNN",
+    "backbone_features",
+    "count_parameters",
+    "encoder_factory",
+    "resnet18_cifar",
+    "resnet50",
+]
