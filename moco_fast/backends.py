@@ -1,21 +1,28 @@
 """Which implementation runs an op: "auto" | "cuda" | "triton" | "torch" | "reference".
 
 Every implementation module (``moco_fast.chunked`` for "torch", ``moco_fast.kernels`` for "triton",
-``moco_fast.cuda_ext`` for "cuda") provides the same five functions, called by ``moco_fast.ops`` with
-arguments that are already validated (same device, 2-D, contiguous, matching d):
+``moco_fast.cuda_ext`` for "cuda") provides the same functions, called by ``moco_fast.ops`` with
+arguments that are already validated (same device, 2-D, contiguous, matching d, and within the
+dtypes and sizes the backend declares it supports). A backend function never hands work to another
+backend behind the caller's back: given an input it cannot serve it raises a ValueError/TypeError.
 
-``infonce_forward(q, k, negatives, scale) -> (lse, out, rank)``
+``infonce_forward(q, k, negatives, scale, need_rank=True) -> (loss, lse, out, rank)``
     q, k: (B, d), negatives: (K, d), any of fp32/bf16/fp16; scale = 1/temperature (Python float).
     Row i's logits are scale·[q_i·k_i, q_i·n_0, …, q_i·n_{K-1}] (fp32 accumulation).
+    loss: (B,) fp32 per-row loss lse_i − scale·q_i·k_i, computed by the backend itself;
     lse: (B,) fp32 natural-log logsumexp of the row; out: (B, d) fp32 = Σ_j softmax_ij·x_j over
-    x = [k_i, n_0, …]; rank: (B,) int64 = #{j : logit of n_j > logit of k_i}.
+    x = [k_i, n_0, …]; rank: (B,) int64 = #{j : logit of n_j > logit of k_i}. With
+    ``need_rank=False`` a backend that saves time by skipping the rank may return -1s.
+    (fp64 inputs, torch backend only: loss, lse and out are fp64.)
 ``infonce_backward(grad, q, k, lse, out, scale) -> (dq, dk)``
     grad: (B,) fp32 gradient of the per-row loss. dq = grad·scale·(out − k) in q.dtype;
     dk = grad·scale·(p0 − 1)·q in k.dtype with p0 = exp(scale·q_i·k_i − lse_i).
 ``infonce_backward_negatives(grad, q, negatives, lse, scale) -> dn``
     dn_j = scale·Σ_i grad_i·softmax_ij·q_i, (K, d) in negatives.dtype (recomputes the logits blockwise).
 ``momentum_update_(targets, sources, momentum) -> None``
-    Lists of tensors of one device and dtype; target ← momentum·target + (1 − momentum)·source in place.
+    Lists of tensors of one device and dtype; target ← target + (1 − momentum)·(source − target)
+    in place (a lerp: fp32 math, fp64 for fp64, one rounding to the storage dtype). The official
+    two-rounding formula ``target·m + source·(1 − m)`` is the "torch" backend's ``exact`` mode.
 ``enqueue_(queue, ptr, count, keys, normalize) -> ok``
     queue (K, d); ptr, count: (1,) int64 device tensors; keys (B, d) with 1 ≤ B ≤ K. Writes row
     (ptr + i) mod K (L2-normalized first if ``normalize``, cast to queue.dtype), advances ptr and
