@@ -149,10 +149,7 @@ def _cuda_extension():
         include_dirs=[os.path.join(HERE, "csrc")],
         # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 up to torch 2.9,
         # C++20 from torch 2.10 on) when none is given.
-        extra_compile_args={
-            "cxx": ["-O3"],
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"],
-        },
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"]},
     )
 
     class Build(BuildExtension):

@@ -55,11 +55,7 @@ def rows_for(device: torch.device, wanted: list[str] | None) -> list[tuple[str, 
     """(row name, kind, backend) in table order."""
     import moco_fast
 
-    rows = [
-        ("official loop", "official", None),
-        ("lightly", "lightly", None),
-        ("_foreach_lerp_", "lerp", None),
-    ]
+    rows = [("official loop", "official", None), ("lightly", "lightly", None), ("_foreach_lerp_", "lerp", None)]
     backends = [b for b in moco_fast.available_backends() if b != "reference"]
     if device.type != "cuda":
         backends = [b for b in backends if b == "torch"]  # triton: CPU interpreter far too slow; cuda: GPU only
@@ -117,13 +113,7 @@ def run_model(name: str, args, device, dtype, timing) -> list[dict]:
     expected = None
     results = []
     for row, kind, backend in rows_for(device, args.backends):
-        result = {
-            "model": name,
-            "row": row,
-            "params": numel,
-            "tensors": count,
-            "dtype": common.dtype_name(dtype),
-        }
+        result = {"model": name, "row": row, "params": numel, "tensors": count, "dtype": common.dtype_name(dtype)}
         results.append(result)
         try:
             if kind == "lightly":
@@ -139,10 +129,7 @@ def run_model(name: str, args, device, dtype, timing) -> list[dict]:
             result.update(max_abs_err=err, status="ok" if err <= tol else f"FAIL (tol {tol:g})")
             t = common.time_fn(update, device, **timing)
             result.update(
-                time_s=t["median_s"],
-                min_s=t["min_s"],
-                repeats=t["repeats"],
-                gbps=bytes_per_step / t["median_s"] / 1e9,
+                time_s=t["median_s"], min_s=t["min_s"], repeats=t["repeats"], gbps=bytes_per_step / t["median_s"] / 1e9
             )
             del update, read
         except ImportError as exc:

@@ -150,10 +150,7 @@ def run_case(batch, size, dim, dtype, device, args, timing) -> list[dict]:
             call = functools.partial(_enqueue_next, impl, itertools.cycle(bench_keys))
             t = common.time_fn(call, device, **timing)
             result.update(
-                time_s=t["median_s"],
-                min_s=t["min_s"],
-                repeats=t["repeats"],
-                host_syncs=count_syncs(call, device),
+                time_s=t["median_s"], min_s=t["min_s"], repeats=t["repeats"], host_syncs=count_syncs(call, device)
             )
         except Exception as exc:  # noqa: BLE001
             result.update(status=f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")

@@ -393,10 +393,7 @@ def git_commit():
     try:
         return (
             subprocess.run(
-                ["git", "-C", os.path.dirname(HERE), "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
+                ["git", "-C", os.path.dirname(HERE), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
             ).stdout.strip()
             or None
         )
@@ -438,8 +435,7 @@ def main():
     t0 = time.time()
     ceil = ceilings(device, size)
     print(
-        f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s",
-        flush=True,
+        f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s", flush=True
     )
     results = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),

@@ -86,9 +86,7 @@ def _bar_plot(payload, path) -> bool:
     names = [r["row"] for r in results]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2))
     ax_t.barh(
-        names,
-        [r["fwd_bwd_s"] * 1e3 for r in results],
-        color=[_STYLE.get(n, {}).get("color", "gray") for n in names],
+        names, [r["fwd_bwd_s"] * 1e3 for r in results], color=[_STYLE.get(n, {}).get("color", "gray") for n in names]
     )
     ax_m.barh(
         names,

@@ -23,18 +23,7 @@ from .infonce_fwd import _dot
 
 @triton.jit
 def infonce_bwd_qk_kernel(
-    g_ptr,
-    q_ptr,
-    k_ptr,
-    lse_ptr,
-    out_ptr,
-    dq_ptr,
-    dk_ptr,
-    B,
-    d,
-    scale,
-    BLOCK_M: tl.constexpr,
-    D_PAD: tl.constexpr,
+    g_ptr, q_ptr, k_ptr, lse_ptr, out_ptr, dq_ptr, dk_ptr, B, d, scale, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -26,12 +26,7 @@ LOG2E = 1.4426950408889634
 # @triton.jit returns an InterpretedFunction when TRITON_INTERPRET=1 was set before triton's import.
 INTERPRETED = type(infonce_fwd_split_kernel).__name__ == "InterpretedFunction"
 
-_TL = {
-    torch.float32: tl.float32,
-    torch.bfloat16: tl.bfloat16,
-    torch.float16: tl.float16,
-    torch.float64: tl.float64,
-}
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64}
 _NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -64,8 +59,10 @@ def _dot_setup(q: torch.Tensor, n: torch.Tensor):
 # --------------------------------------------------------------------------------------------
 
 
-def infonce_forward(q, k, negatives, scale, *, num_splits=None, config=None, fuse=None):
-    """(lse (B,) fp32, out (B, d) fp32, rank (B,) int64). See infonce_fwd.py.
+def infonce_forward(q, k, negatives, scale, need_rank=True, *, num_splits=None, config=None, fuse=None):
+    """(loss (B,) fp32, lse (B,) fp32, out (B, d) fp32, rank (B,) int64). See infonce_fwd.py.
+
+    The rank is counted for free by the sweep, so ``need_rank`` is accepted and ignored.
 
     num_splits / config (a heuristics.TileConfig) / fuse (finalize a single split in the split
     kernel) override the heuristics (tests, autotuning).
@@ -79,7 +76,7 @@ def infonce_forward(q, k, negatives, scale, *, num_splits=None, config=None, fus
     out = torch.empty(B, d, dtype=torch.float32, device=dev)
     rank = torch.empty(B, dtype=torch.int64, device=dev)
     if B == 0:
-        return lse, out, rank
+        return lse.clone(), lse, out, rank
     dp = H.d_pad(d)
     dot_name, dot_tl, prec = _dot_setup(q, negatives)
     num_sms, cc = _device_info(dev)
@@ -111,23 +108,9 @@ def infonce_forward(q, k, negatives, scale, *, num_splits=None, config=None, fus
     if splits == 1 and fuse:
         # K == 0 lands here too: the loop is empty and only the positive is merged.
         infonce_fwd_split_kernel[(row_blocks, 1)](
-            q,
-            k,
-            negatives,
-            lse,
-            lse,
-            out,
-            rank,
-            lse,
-            B,
-            K,
-            d,
-            kps,
-            qk_scale,
-            FINALIZE=True,
-            **meta,
+            q, k, negatives, lse, lse, out, rank, lse, B, K, d, kps, qk_scale, FINALIZE=True, **meta
         )
-        return lse, out, rank
+        return _row_loss(lse, q, k, scale), lse, out, rank
     # One workspace allocation for all partials: O (S, B, d) first (keeps its 16-byte alignment),
     # then m, l, rank (S, B) each and pos (B,).
     sb = splits * B
@@ -137,21 +120,7 @@ def infonce_forward(q, k, negatives, scale, *, num_splits=None, config=None, fus
     r_part = ws[sb * (d + 2) : sb * (d + 3)].view(torch.int32)
     pos = ws[sb * (d + 3) :]
     infonce_fwd_split_kernel[(row_blocks, splits)](
-        q,
-        k,
-        negatives,
-        m_part,
-        l_part,
-        o_part,
-        r_part,
-        pos,
-        B,
-        K,
-        d,
-        kps,
-        qk_scale,
-        FINALIZE=False,
-        **meta,
+        q, k, negatives, m_part, l_part, o_part, r_part, pos, B, K, d, kps, qk_scale, FINALIZE=False, **meta
     )
     bmc = H.combine_block_m(B, num_sms, dp)
     infonce_combine_kernel[(H.cdiv(B, bmc),)](
@@ -173,7 +142,12 @@ def infonce_forward(q, k, negatives, scale, *, num_splits=None, config=None, fus
         D_PAD=dp,
         num_warps=4,
     )
-    return lse, out, rank
+    return _row_loss(lse, q, k, scale), lse, out, rank
+
+
+def _row_loss(lse, q, k, scale):
+    # TODO(kernels): write the per-row loss from the kernels instead of these extra torch ops.
+    return lse - (q.float() * scale * k.float()).sum(dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,19 +166,7 @@ def infonce_backward(grad, q, k, lse, out, scale):
     dp = H.d_pad(d)
     bm = H.bwd_qk_block_m(dp)
     infonce_bwd_qk_kernel[(H.cdiv(B, bm),)](
-        grad,
-        q,
-        k,
-        lse.contiguous(),
-        out.contiguous(),
-        dq,
-        dk,
-        B,
-        d,
-        float(scale),
-        BLOCK_M=bm,
-        D_PAD=dp,
-        num_warps=4,
+        grad, q, k, lse.contiguous(), out.contiguous(), dq, dk, B, d, float(scale), BLOCK_M=bm, D_PAD=dp, num_warps=4
     )
     return dq, dk
 

@@ -42,7 +42,7 @@ def infonce_forward(
     block: int | None = None,
     need_rank: bool = True,
 ):
-    """Single-pass forward: returns (lse (B,) fp32, out (B, d) fp32, rank (B,) int64).
+    """Single-pass forward: returns (loss (B,), lse (B,), out (B, d), rank (B,) int64); fp32 (fp64 for fp64).
 
     With ``need_rank=False`` on CPU fp32 inputs, PyTorch's fused CPU flash-attention kernel does the
     sweep (faster, see _fused_attention_negatives) and rank is returned filled with -1.
@@ -79,7 +79,7 @@ def infonce_forward(
     out = acc.div_(row_sum[:, None])
     if not need_rank:
         rank.fill_(-1)
-    return lse, out, rank
+    return lse - pos, lse, out, rank
 
 
 # PyTorch's CPU flash-attention kernel returns (O, logsumexp) over a shared key set, which is the
@@ -89,7 +89,7 @@ _FUSED_ATTENTION_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attenti
 
 
 def _fused_attention_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, scale: float):
-    """(lse, out, rank=-1) via the fused CPU attention kernel plus an analytic merge of the positive, or None."""
+    """(loss, lse, out, rank=-1) via the fused CPU attention kernel plus an analytic merge of the positive, or None."""
     if (
         _FUSED_ATTENTION_OP is None
         or os.environ.get("MOCO_FAST_CPU_FUSED_ATTENTION", "1") == "0"
@@ -107,7 +107,7 @@ def _fused_attention_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.
     lse = torch.logaddexp(lse_neg, pos)
     out = out_neg * torch.exp(lse_neg - lse)[:, None] + k * torch.exp(pos - lse)[:, None]
     rank = torch.full((q.shape[0],), -1, dtype=torch.int64)
-    return lse, out, rank
+    return lse - pos, lse, out, rank
 
 
 def infonce_backward(

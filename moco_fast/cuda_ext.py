@@ -51,15 +51,17 @@ def allow_tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
-def infonce_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, scale: float):
-    """(lse (B,) fp32, out (B, d) fp32, rank (B,) int64); see moco_fast.backends."""
+def infonce_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, scale: float, need_rank: bool = True):
+    """(loss (B,), lse (B,), out (B, d), rank (B,) int64); see moco_fast.backends. ``need_rank`` is ignored."""
     if not AVAILABLE:
         raise _unavailable()
     if not _kernels_take(q, k, negatives):
         from moco_fast import chunked
 
         return chunked.infonce_forward(q, k, negatives, scale)
-    return _ops.infonce_forward(q, k, negatives, float(scale), allow_tf32())
+    lse, out, rank = _ops.infonce_forward(q, k, negatives, float(scale), allow_tf32())
+    # TODO(cuda): write the per-row loss from the kernels instead of these extra torch ops.
+    return lse - (q.float() * scale * k.float()).sum(dim=1), lse, out, rank
 
 
 def infonce_backward(grad, q, k, lse, out, scale):

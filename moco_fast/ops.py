@@ -91,16 +91,7 @@ def _check_info_nce_inputs(q: Tensor, k: Tensor, negatives: Tensor) -> None:
 
 
 def _forward_impl(q: Tensor, k: Tensor, negatives: Tensor, scale: float, impl: str, need_rank: bool):
-    module = backends.implementation(impl)
-    if impl == "torch":
-        # Only the torch backend has a faster path without the rank (the kernels count it for free).
-        lse, out, rank = module.infonce_forward(q, k, negatives, scale, need_rank=need_rank)
-    else:
-        lse, out, rank = module.infonce_forward(q, k, negatives, scale)
-    compute = lse.dtype
-    # Same rounding as the torch backend's positive logit, so K = 0 gives exactly 0 there.
-    loss = lse - (q.to(compute) * scale * k.to(compute)).sum(dim=1)
-    return loss, lse, out, rank
+    return backends.implementation(impl).infonce_forward(q, k, negatives, scale, need_rank=need_rank)
 
 
 @torch.library.custom_op("moco_fast::info_nce_forward", mutates_args=())
@@ -249,12 +240,7 @@ def info_nce(
 
 def stats_from_rank(rank: Tensor, lse: Tensor) -> InfoNCEStats:
     """acc@1 and acc@5 from the positive's rank (no logits needed)."""
-    return InfoNCEStats(
-        acc1=(rank < 1).float().mean(),
-        acc5=(rank < 5).float().mean(),
-        rank=rank,
-        lse=lse.detach(),
-    )
+    return InfoNCEStats(acc1=(rank < 1).float().mean(), acc5=(rank < 5).float().mean(), rank=rank, lse=lse.detach())
 
 
 def _as_tensor_list(x: torch.nn.Module | Iterable[Tensor], name: str) -> list[Tensor]:

@@ -25,11 +25,7 @@ def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t
 
 
 def reference_info_nce(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    negatives: torch.Tensor,
-    temperature: float = 0.07,
-    reduction: str = "mean",
+    q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float = 0.07, reduction: str = "mean"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """InfoNCE the official way. Returns (loss, lse, rank).
 

@@ -87,13 +87,7 @@ def test_op_schemas_declare_mutation():
     assert mutable["momentum_update_"] == ["targets"]
     assert mutable["enqueue_"] == ["queue", "ptr", "count"]
     assert mutable["infonce_forward"] == mutable["infonce_backward"] == mutable["infonce_backward_negatives"] == []
-    assert [a.name for a in schema["infonce_forward"].arguments] == [
-        "q",
-        "k",
-        "negatives",
-        "scale",
-        "allow_tf32",
-    ]
+    assert [a.name for a in schema["infonce_forward"].arguments] == ["q", "k", "negatives", "scale", "allow_tf32"]
 
 
 @needs_ext
@@ -473,7 +467,7 @@ def _forward_case(B, K, d, name, temperature=0.07, inputs=None):
     scale = 1.0 / temperature
     _poison_allocator()
     with _matmul_precision(precision), _no_host_sync():
-        lse, out, rank = IMPL.infonce_forward(q, k, n, scale)
+        _, lse, out, rank = IMPL.infonce_forward(q, k, n, scale)
     assert lse.shape == (B,) and out.shape == (B, d) and rank.shape == (B,)
     assert lse.dtype == out.dtype == torch.float32 and rank.dtype == torch.int64
     ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
@@ -531,12 +525,12 @@ def test_forward_nan_propagates():
     q, k, n = _unit(9, 64, device=DEVICE), _unit(9, 64, device=DEVICE), _unit(500, 64, device=DEVICE)
     q2 = q.clone()
     q2[3, 5] = float("nan")
-    lse, out, _ = IMPL.infonce_forward(q2, k, n, 10.0)
+    _, lse, out, _ = IMPL.infonce_forward(q2, k, n, 10.0)
     assert torch.isnan(lse[3]) and torch.isnan(out[3]).all()
     assert torch.isfinite(lse[torch.arange(9, device=DEVICE) != 3]).all()
     n2 = n.clone()
     n2[123, 0] = float("nan")  # one bad queue entry poisons every row
-    lse, out, _ = IMPL.infonce_forward(q, k, n2, 10.0)
+    _, lse, out, _ = IMPL.infonce_forward(q, k, n2, 10.0)
     assert torch.isnan(lse).all() and torch.isnan(out).all()
 
 
@@ -718,16 +712,8 @@ def test_momentum_misaligned_views_and_shapes(dtype):
     buf_t = torch.randn(10_000, device=DEVICE).to(dtype)
     buf_s = torch.randn(10_000, device=DEVICE).to(dtype)
     before = buf_t.clone()
-    targets = [
-        buf_t[1:1001],
-        buf_t[1003 : 1003 + 64 * 3 * 3].view(64, 3, 3),
-        buf_t[2000 : 2000 + 33 * 7].view(33, 7),
-    ]
-    sources = [
-        buf_s[5:1005],
-        buf_s[3001 : 3001 + 64 * 3 * 3].view(64, 3, 3),
-        buf_s[4000 : 4000 + 33 * 7].view(33, 7),
-    ]
+    targets = [buf_t[1:1001], buf_t[1003 : 1003 + 64 * 3 * 3].view(64, 3, 3), buf_t[2000 : 2000 + 33 * 7].view(33, 7)]
+    sources = [buf_s[5:1005], buf_s[3001 : 3001 + 64 * 3 * 3].view(64, 3, 3), buf_s[4000 : 4000 + 33 * 7].view(33, 7)]
     expect = [_expected_momentum(t, s, 0.9) for t, s in zip(targets, sources, strict=True)]
     IMPL.momentum_update_(targets, sources, 0.9)
     tol = _MOMENTUM_TOL[dtype]

@@ -106,7 +106,7 @@ def tol_for(*dts):
 
 
 def run_forward_check(q, k, n, scale, tol, **kw):
-    lse, out, rank = KN.infonce_forward(q, k, n, scale, **kw)
+    _, lse, out, rank = KN.infonce_forward(q, k, n, scale, **kw)
     B, d = q.shape
     assert lse.shape == (B,) and lse.dtype == torch.float32
     assert out.shape == (B, d) and out.dtype == torch.float32
@@ -163,7 +163,7 @@ def test_forward_split_counts_agree(splits, fuse):
     q, k, n = make(B, K, d, seed=3)
     cfg = H.TileConfig(16, 16, 4, 1)
     lse, out, rank = run_forward_check(q, k, n, 1 / TEMP, 1e-5, num_splits=splits, config=cfg, fuse=fuse)
-    lse1, out1, rank1 = KN.infonce_forward(q, k, n, 1 / TEMP, num_splits=1, config=cfg)
+    _, lse1, out1, rank1 = KN.infonce_forward(q, k, n, 1 / TEMP, num_splits=1, config=cfg)
     assert torch.equal(rank, rank1)
     assert (lse - lse1).abs().max().item() < 1e-5
     assert (out - out1).abs().max().item() < 1e-5
@@ -172,7 +172,7 @@ def test_forward_split_counts_agree(splits, fuse):
 @pytest.mark.parametrize("B,d,fuse", [(1, 16, None), (7, 96, False), (37, 128, None)])
 def test_forward_k0_is_positive_only(B, d, fuse):
     q, k, n = make(B, 0, d)
-    lse, out, rank = KN.infonce_forward(q, k, n, 1 / TEMP, fuse=fuse)
+    _, lse, out, rank = KN.infonce_forward(q, k, n, 1 / TEMP, fuse=fuse)
     pos = (q.double() * k.double()).sum(1) / TEMP
     assert (lse.double() - pos).abs().max().item() < 1e-5
     assert torch.allclose(out, k.float(), atol=1e-6)
@@ -192,7 +192,7 @@ def test_forward_rank_with_planted_winners():
     n = n.clone()
     for i in range(B):  # row i gets i planted negatives = q_i itself (logit 1 > q_i.k_i)
         n[17 * i : 17 * i + i] = q[i]
-    _, _, rank = KN.infonce_forward(q, k, n, 1 / TEMP, num_splits=3, config=H.TileConfig(16, 16, 4, 1))
+    _, _, _, rank = KN.infonce_forward(q, k, n, 1 / TEMP, num_splits=3, config=H.TileConfig(16, 16, 4, 1))
     _, _, pos, neg = oracle_forward(q, k, n, 1 / TEMP)
     exact = (neg > pos[:, None]).sum(1)
     assert torch.equal(rank.cpu(), exact.cpu())
@@ -203,7 +203,7 @@ def test_forward_nan_propagates():
     q, k, n = make(7, 63, 16)
     n = n.clone()
     n[5, 3] = float("nan")
-    lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
+    _, lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
     assert torch.isnan(lse).all() and torch.isnan(out).any()
 
 
@@ -226,7 +226,7 @@ BWD_CASES = [
 def test_backward_matches_float64(B, K, d, dq, dk, dn):
     q, k, n = make(B, K, d, dq, dk, dn, seed=2)
     grad = (torch.rand(B, generator=torch.Generator().manual_seed(B)) + 0.5).div(B).to(DEV)
-    lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
+    _, lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
     gq, gk = KN.infonce_backward(grad, q, k, lse, out, 1 / TEMP)
     gn = KN.infonce_backward_negatives(grad, q, n, lse, 1 / TEMP)
     rq, rk, rn = oracle_grads(q, k, n, 1 / TEMP, grad)
@@ -245,7 +245,7 @@ def test_backward_expanded_grad_and_k0():
     B, d = 7, 96
     q, k, n = make(B, 0, d)
     grad = torch.full((1,), 1.0 / B, device=DEV).expand(B)
-    lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
+    _, lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
     gq, gk = KN.infonce_backward(grad, q, k, lse, out, 1 / TEMP)
     assert gq.abs().max().item() < 1e-6 and gk.abs().max().item() < 1e-6
     assert KN.infonce_backward_negatives(grad, q, n, lse, 1 / TEMP).shape == (0, d)
@@ -254,7 +254,7 @@ def test_backward_expanded_grad_and_k0():
 def test_backward_negatives_deterministic():
     q, k, n = make(37, 1000, 96, seed=4)
     grad = torch.ones(37, device=DEV)
-    lse, _, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
+    _, lse, _, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
     a = KN.infonce_backward_negatives(grad, q, n, lse, 1 / TEMP)
     b = KN.infonce_backward_negatives(grad, q, n, lse, 1 / TEMP)
     assert torch.equal(a, b)
@@ -401,11 +401,7 @@ def test_enqueue_rejects_bad_sizes():
 
 @pytest.mark.parametrize(
     "B,K,d,dts",
-    [
-        (7, 1000, 96, (torch.float32,) * 3),
-        (37, 63, 128, (torch.bfloat16,) * 3),
-        (5, 0, 16, (torch.float32,) * 3),
-    ],
+    [(7, 1000, 96, (torch.float32,) * 3), (37, 63, 128, (torch.bfloat16,) * 3), (5, 0, 16, (torch.float32,) * 3)],
 )
 def test_public_info_nce_triton_backend(B, K, d, dts):
     moco_fast = pytest.importorskip("moco_fast")
@@ -507,7 +503,7 @@ def test_gpu_forward_backward_full_size(B, dts, precision):
     K, d = 65536, 128
     q, k, n = make(B, K, d, *dts, device="cuda", seed=B)
     tol = tol_for(*dts) if precision == "highest" or all(t != torch.float32 for t in dts) else 3e-3
-    lse, out, rank = KN.infonce_forward(q, k, n, 1 / TEMP)
+    _, lse, out, rank = KN.infonce_forward(q, k, n, 1 / TEMP)
     r_lse, r_out, pos, neg = oracle_forward_chunked(q, k, n, 1 / TEMP)
     assert rel(lse, r_lse) < tol and rel(out, r_out) < tol, (rel(lse, r_lse), rel(out, r_out))
     check_rank(rank, pos, neg, eps=1e-3 if tol > 1e-5 else 1e-4)
@@ -524,7 +520,7 @@ def test_gpu_backward_negatives_full_size(dt):
     B, K, d = 256, 65536, 128
     q, k, n = make(B, K, d, dt, device="cuda", seed=9)
     grad = torch.full((B,), 1.0 / B, device="cuda")
-    lse, _, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
+    _, lse, _, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
     gn = KN.infonce_backward_negatives(grad, q, n, lse, 1 / TEMP)
     _, _, rn = oracle_grads(q, k, n, 1 / TEMP, grad)
     assert rel(gn, rn) < tol_for(dt)
