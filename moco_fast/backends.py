@@ -63,6 +63,21 @@ def is_available(name: str) -> bool:
     return bool(getattr(module, "AVAILABLE", True))
 
 
+def availability() -> dict[str, str | None]:
+    """Every concrete backend mapped to None when it can run in this process, else the reason it cannot."""
+    out: dict[str, str | None] = {}
+    for name in ("triton", "cuda", "torch", "reference"):
+        if is_available(name):
+            out[name] = None
+            continue
+        try:
+            module = importlib.import_module(_MODULES[name])
+            out[name] = str(getattr(module, "IMPORT_ERROR", None) or "not available")
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            out[name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def available_backends() -> list[str]:
     """Concrete backends that import in this process, in "auto"'s order of preference."""
     return [b for b in ("triton", "cuda", "torch", "reference") if is_available(b)]
