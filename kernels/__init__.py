@@ -11,6 +11,10 @@ triton this package still imports, with AVAILABLE = False and functions that rai
 
 from __future__ import annotations
 
+import torch
+
+from moco_fast.backends import Support
+
 try:
     from .launch import (
         INTERPRETED,
@@ -34,7 +38,17 @@ except Exception as _err:  # noqa: BLE001 - no triton (or a broken one) just dis
     infonce_forward = infonce_backward = infonce_backward_negatives = _unavailable
     momentum_update_ = enqueue_ = _unavailable
 
+_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+# Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests); compiled, on CUDA tensors.
+_DEVICES = frozenset({"cpu"} if INTERPRETED else {"cuda"})
+SUPPORT = {
+    "info_nce": Support(devices=_DEVICES, dtypes=_KERNEL_DTYPES, max_dim=256),
+    "momentum_update": Support(devices=_DEVICES, dtypes=_KERNEL_DTYPES, contiguous=True, modes=frozenset({"lerp"})),
+    "enqueue": Support(devices=_DEVICES, dtypes=_KERNEL_DTYPES | {torch.float64}),
+}
+
 __all__ = [
+    "SUPPORT",
     "AVAILABLE",
     "INTERPRETED",
     "infonce_forward",

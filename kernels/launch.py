@@ -256,8 +256,10 @@ def _chunk_table(targets, sources) -> tuple[torch.Tensor, bool]:
     return table, aligned
 
 
-def momentum_update_(targets, sources, momentum) -> None:
+def momentum_update_(targets, sources, momentum, exact=False) -> None:
     """In place: target <- momentum*target + (1-momentum)*source for every pair. See momentum.py."""
+    if exact:
+        raise ValueError("the triton backend has no exact (two-rounding) momentum mode; use backend='torch'")
     targets, sources = list(targets), list(sources)
     if len(targets) != len(sources):
         raise ValueError(f"momentum_update_: {len(targets)} targets but {len(sources)} sources")

@@ -14,9 +14,9 @@ The public API, nothing else:
 from .backends import available_backends
 from .builder import MoCo
 from .distributed import batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather
+from .functional import InfoNCEStats, info_nce, momentum_update
 from .head import MoCoHead
 from .momentum import MomentumEncoder, cosine_momentum
-from .ops import InfoNCEStats, info_nce, momentum_update
 from .queue import KeyQueue, NonFiniteKeysError
 
 __version__ = "0.1.0"

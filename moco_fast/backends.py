@@ -1,10 +1,20 @@
 """Which implementation runs an op: "auto" | "cuda" | "triton" | "torch" | "reference".
 
-Every implementation module (``moco_fast.chunked`` for "torch", ``moco_fast.kernels`` for "triton",
-``moco_fast.cuda_ext`` for "cuda") provides the same functions, called by ``moco_fast.ops`` with
-arguments that are already validated (same device, 2-D, contiguous, matching d, and within the
-dtypes and sizes the backend declares it supports). A backend function never hands work to another
-backend behind the caller's back: given an input it cannot serve it raises a ValueError/TypeError.
+The backend contract. Every implementation module — ``moco_fast.chunked`` ("torch", blockwise
+PyTorch, any device), ``moco_fast.kernels`` ("triton"), ``moco_fast.cuda_ext`` ("cuda", the compiled
+``moco_fast._C``) and ``moco_fast.reference`` ("reference", the official formulation, materializing
+everything) — declares what it can serve in a module-level ``SUPPORT`` dict, op name → :class:`Support`
+(devices, dtypes, largest feature dim, contiguity, modes), and provides the functions below. One
+function, :func:`select`, picks the implementation of a call with the same rule for every op:
+
+* an explicitly requested backend that cannot serve the call raises :class:`BackendError` saying why
+  (not installed, wrong device, dtype, feature dim, mode); nothing silently runs elsewhere;
+* "auto" (or the ``MOCO_FAST_BACKEND`` environment variable, which overrides "auto" only) takes the
+  first backend of :data:`AUTO_ORDER` for the tensors' device type that can serve the call.
+
+The functions are called (by ``moco_fast.ops`` and the modules) with arguments that are already
+validated: same device, 2-D, contiguous, matching d, and within the declared support. A backend
+function never hands work to another backend: given an input it cannot serve it raises.
 
 ``infonce_forward(q, k, negatives, scale, need_rank=True) -> (loss, lse, out, rank)``
     q, k: (B, d), negatives: (K, d), any of fp32/bf16/fp16; scale = 1/temperature (Python float).
@@ -19,10 +29,10 @@ backend behind the caller's back: given an input it cannot serve it raises a Val
     dk = grad·scale·(p0 − 1)·q in k.dtype with p0 = exp(scale·q_i·k_i − lse_i).
 ``infonce_backward_negatives(grad, q, negatives, lse, scale) -> dn``
     dn_j = scale·Σ_i grad_i·softmax_ij·q_i, (K, d) in negatives.dtype (recomputes the logits blockwise).
-``momentum_update_(targets, sources, momentum) -> None``
+``momentum_update_(targets, sources, momentum, exact=False) -> None``
     Lists of tensors of one device and dtype; target ← target + (1 − momentum)·(source − target)
-    in place (a lerp: fp32 math, fp64 for fp64, one rounding to the storage dtype). The official
-    two-rounding formula ``target·m + source·(1 − m)`` is the "torch" backend's ``exact`` mode.
+    in place (a lerp: fp32 math, fp64 for fp64, one rounding to the storage dtype). ``exact=True``
+    (mode "exact") is the official two-rounding formula ``target·m + source·(1 − m)``, bit for bit.
 ``enqueue_(queue, ptr, count, keys, normalize) -> ok``
     queue (K, d); ptr, count: (1,) int64 device tensors; keys (B, d) with 1 ≤ B ≤ K. Writes row
     (ptr + i) mod K (L2-normalized first if ``normalize``, cast to queue.dtype), advances ptr and
@@ -35,52 +45,67 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
+CONCRETE = ("triton", "cuda", "torch", "reference")
 ENV_VAR = "MOCO_FAST_BACKEND"
 
-_MODULES = {"torch": "moco_fast.chunked", "triton": "moco_fast.kernels", "cuda": "moco_fast.cuda_ext"}
+#: What "auto" tries, in order, for tensors of a device type (the reference is never picked).
+#: CUDA: Triton first (its kernels are proven in CI under the interpreter), then the CUDA extension,
+#: then the portable torch code. Anything else (CPU, ...): the torch code.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch")}
+AUTO_ORDER_DEFAULT = ("torch",)
+
+_MODULES = {
+    "torch": "moco_fast.chunked",
+    "triton": "moco_fast.kernels",
+    "cuda": "moco_fast.cuda_ext",
+    "reference": "moco_fast.reference",
+}
 
 
-def triton_interpreted() -> bool:
-    """True when Triton kernels run on the CPU in the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+class BackendError(ValueError):
+    """An explicitly requested backend cannot serve this call; the message says why."""
 
 
-@functools.cache
-def is_available(name: str) -> bool:
-    """Whether backend ``name`` can run somewhere in this process (import succeeds)."""
-    if name in ("torch", "reference"):
-        return True
-    if name not in _MODULES:
-        return False
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return False
-    return bool(getattr(module, "AVAILABLE", True))
+@dataclass(frozen=True)
+class Support:
+    """What one backend serves for one op.
 
+    devices: device types ("cpu", "cuda"), or None for any device torch runs on.
+    dtypes: the input/storage dtypes accepted.
+    max_dim: the largest feature dimension d (None: any).
+    contiguous: the inputs must be contiguous (the caller does not copy them).
+    modes: optional behaviours the caller may ask for (e.g. {"lerp", "exact"} for momentum_update).
+    """
 
-def availability() -> dict[str, str | None]:
-    """Every concrete backend mapped to None when it can run in this process, else the reason it cannot."""
-    out: dict[str, str | None] = {}
-    for name in ("triton", "cuda", "torch", "reference"):
-        if is_available(name):
-            out[name] = None
-            continue
-        try:
-            module = importlib.import_module(_MODULES[name])
-            out[name] = str(getattr(module, "IMPORT_ERROR", None) or "not available")
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            out[name] = f"{type(exc).__name__}: {exc}"
-    return out
+    devices: frozenset[str] | None
+    dtypes: frozenset[torch.dtype]
+    max_dim: int | None = None
+    contiguous: bool = False
+    modes: frozenset[str] = frozenset()
 
-
-def available_backends() -> list[str]:
-    """Concrete backends that import in this process, in "auto"'s order of preference."""
-    return [b for b in ("triton", "cuda", "torch", "reference") if is_available(b)]
+    def refusal(
+        self, device: torch.device, dtypes: Iterable[torch.dtype], dim: int | None, contiguous: bool, mode: str | None
+    ) -> str | None:
+        """Why this support does not cover a call, or None when it does."""
+        if self.devices is not None and device.type not in self.devices:
+            return f"it runs on {'/'.join(sorted(self.devices))} tensors, got tensors on {device}"
+        for dtype in dtypes:
+            if dtype not in self.dtypes:
+                names = ", ".join(sorted(str(d).replace("torch.", "") for d in self.dtypes))
+                return f"it takes {names}, got {str(dtype).replace('torch.', '')}"
+        if self.max_dim is not None and dim is not None and dim > self.max_dim:
+            return f"its largest feature dim is {self.max_dim}, got d={dim}"
+        if self.contiguous and not contiguous:
+            return "it needs contiguous tensors"
+        if mode is not None and mode not in self.modes:
+            return f"it has no {mode!r} mode (it has {', '.join(sorted(self.modes)) or 'none'})"
+        return None
 
 
 def check_name(backend: object, argument: str = "backend") -> str:
@@ -90,34 +115,102 @@ def check_name(backend: object, argument: str = "backend") -> str:
     return backend.lower()
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """Turn a requested backend into a concrete one for tensors on ``device``.
+def _import_error(name: str) -> str | None:
+    """None when backend ``name``'s module imports and says it is usable, else the reason."""
+    module = importlib.import_module(_MODULES[name])  # a broken module raises: that is a bug, not "unavailable"
+    if getattr(module, "AVAILABLE", True):
+        return None
+    return str(getattr(module, "IMPORT_ERROR", None) or "not available")
 
-    "auto" reads MOCO_FAST_BACKEND (if set and not "auto"), else picks "triton" → "cuda" for CUDA
-    tensors and "torch" otherwise. (Triton first: its kernels run in CI under the interpreter, while
-    the CUDA extension's kernels have not yet been run on a GPU; revisit once GPU numbers exist.)
-    An explicit name must be able to run on ``device``.
+
+@functools.cache
+def unavailable_reason(name: str) -> str | None:
+    """None when concrete backend ``name`` can run in this process, else the reason (cached)."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; the concrete ones are {', '.join(CONCRETE)}")
+    return _import_error(name)
+
+
+def is_available(name: str) -> bool:
+    """Whether backend ``name`` can run somewhere in this process (its module imports and is usable)."""
+    return name in _MODULES and unavailable_reason(name) is None
+
+
+def availability() -> dict[str, str | None]:
+    """Every concrete backend mapped to None when it can run in this process, else the reason it cannot."""
+    return {name: unavailable_reason(name) for name in CONCRETE}
+
+
+def available_backends() -> list[str]:
+    """Concrete backends that import in this process, in order of preference."""
+    return [b for b in CONCRETE if is_available(b)]
+
+
+def module(name: str):
+    """The implementation module of concrete backend ``name`` (its functions follow the contract above)."""
+    return importlib.import_module(_MODULES[name])
+
+
+def support(name: str, op: str) -> Support | None:
+    """What backend ``name`` declares for ``op`` (None: it does not implement the op)."""
+    return getattr(module(name), "SUPPORT", {}).get(op)
+
+
+def refusal(
+    name: str,
+    op: str,
+    device: torch.device,
+    dtypes: Iterable[torch.dtype],
+    dim: int | None = None,
+    contiguous: bool = True,
+    mode: str | None = None,
+) -> str | None:
+    """Why concrete backend ``name`` cannot serve this call of ``op``, or None when it can."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        return f"it is not available in this installation ({reason})"
+    declared = support(name, op)
+    if declared is None:
+        return f"it does not implement {op}"
+    return declared.refusal(device, tuple(dtypes), dim, contiguous, mode)
+
+
+# torch.compile: the choice depends only on Python values (names, device, dtypes, sizes), so the
+# tracer runs it once and bakes the answer into the graph instead of tracing importlib.
+@torch.compiler.assume_constant_result
+def select(
+    op: str,
+    backend: str,
+    device: torch.device,
+    dtypes: Iterable[torch.dtype],
+    dim: int | None = None,
+    *,
+    contiguous: bool = True,
+    mode: str | None = None,
+) -> str:
+    """The concrete backend that runs this call of ``op`` (see the module docstring for the rule).
+
+    ``backend`` is the user's argument ("auto" or a name, any case). Raises ValueError for an unknown
+    name (or a bad ``MOCO_FAST_BACKEND``) and :class:`BackendError` when the requested backend (or,
+    for "auto", every candidate) cannot serve the call. Decisions are cached (a call costs ~1 µs).
     """
     name = check_name(backend)
     if name == "auto":
         name = check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
-    if name == "auto":
-        if device.type == "cuda":
-            for candidate in ("triton", "cuda"):
-                if is_available(candidate):
-                    return candidate
-        return "torch"
-    if name in ("cuda", "triton") and not is_available(name):
-        raise RuntimeError(f"backend {name!r} is not available in this installation")
-    if name == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend 'cuda' needs CUDA tensors; got tensors on {device}")
-    if name == "triton" and device.type != "cuda" and not triton_interpreted():
-        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import); got {device}")
-    return name
+    return _select(op, name, device, tuple(dtypes), dim, contiguous, mode)
 
 
-def implementation(name: str):
-    """The module implementing concrete backend ``name`` (see the module docstring for its functions)."""
-    if name == "reference":
-        raise ValueError("the reference backend has no kernel module; ops call moco_fast.reference")
-    return importlib.import_module(_MODULES[name])
+@functools.lru_cache(maxsize=4096)
+def _select(op, name, device, dtypes, dim, contiguous, mode) -> str:
+    if name != "auto":
+        why = refusal(name, op, device, dtypes, dim, contiguous, mode)
+        if why is not None:
+            raise BackendError(f"backend {name!r} cannot run {op} here: {why}")
+        return name
+    reasons = []
+    for candidate in AUTO_ORDER.get(device.type, AUTO_ORDER_DEFAULT):
+        why = refusal(candidate, op, device, dtypes, dim, contiguous, mode)
+        if why is None:
+            return candidate
+        reasons.append(f"{candidate}: {why}")
+    raise BackendError(f"no backend can run {op} here ({'; '.join(reasons)})")

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import batch_shuffle_ddp, batch_unshuffle_ddp, is_distributed
+from .functional import InfoNCEStats
 from .head import MoCoHead
 from .momentum import MomentumEncoder
-from .ops import InfoNCEStats
 
 
 class MoCo(nn.Module):

@@ -9,16 +9,27 @@ the logits block by block.
 
 All arithmetic is fp32 whatever the input dtypes (bf16/fp16 blocks are upcast one block at a time),
 or fp64 when an input is fp64 (so gradcheck can run on this backend).
-Functions follow the interface in ``moco_fast.backends``.
+Functions follow the contract in ``moco_fast.backends``; ``SUPPORT`` declares what they serve.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
+from .backends import Support
+from .validation import FLOAT_DTYPES, compute_dtype
+
 AVAILABLE = True
+
+_ANY_FLOAT = frozenset(FLOAT_DTYPES)
+SUPPORT = {
+    "info_nce": Support(devices=None, dtypes=_ANY_FLOAT),
+    "momentum_update": Support(devices=None, dtypes=_ANY_FLOAT, modes=frozenset({"lerp", "exact"})),
+    "enqueue": Support(devices=None, dtypes=_ANY_FLOAT),
+}
 
 # Elements of the B×block score tile: 2**19 fp32 = 2 MiB, measured fastest here (B=256: 2048-key blocks).
 _TILE_ELEMENTS = 1 << 19
@@ -27,11 +38,6 @@ _TILE_ELEMENTS = 1 << 19
 def block_size(batch: int, num_keys: int) -> int:
     """Rows of negatives handled per step: about _TILE_ELEMENTS scores, at least 256 rows."""
     return max(256, min(max(num_keys, 1), _TILE_ELEMENTS // max(batch, 1)))
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp32 accumulation, or fp64 when an input is fp64 (gradcheck)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def infonce_forward(
@@ -145,8 +151,8 @@ def infonce_backward_negatives(
     return dn
 
 
-# Elements of the temporary `source·(1 − m)` per fused call: bounded so that a ResNet-50 update does
-# not allocate (and page-fault) a model-sized buffer every step.
+# Elements of the temporary `source·(1 − m)` per fused call of the exact mode: bounded so that a
+# ResNet-50 update does not allocate (and page-fault) a model-sized buffer every step.
 _MOMENTUM_CHUNK = 1 << 20
 
 
@@ -163,20 +169,23 @@ def _chunks(targets: list[torch.Tensor], sources: list[torch.Tensor]):
 
 
 @torch.no_grad()
-def momentum_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float) -> None:
-    """target ← target·m + source·(1 − m) for each pair, the official formula and rounding, in fused foreach ops."""
+def momentum_update_(
+    targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float, exact: bool = False
+) -> None:
+    """In place, for each pair: target ← lerp(target, source, 1 − m), one fused pass over the list.
+
+    ``exact=True``: the official ``target·m + source·(1 − m)``, with its two roundings bit for bit
+    (an alpha-add would fuse them into one FMA and differ in the last bit), in bounded chunks.
+    """
     if not targets:
         return
-    if targets[0].dtype in (torch.float32, torch.float64):
-        # Same two roundings as the official `p_k * m + p_q * (1 - m)` (an alpha-add would fuse
-        # them into one FMA and differ in the last bit); _foreach ops fuse each chunk of the list.
-        for tgt, src in _chunks(targets, sources):
-            scaled = torch._foreach_mul(src, 1.0 - momentum)
-            torch._foreach_mul_(tgt, momentum)
-            torch._foreach_add_(tgt, scaled)
-    else:  # half types: compute in fp32, round once
-        for t, s in zip(targets, sources):
-            t.copy_(t.float().mul_(momentum).add_(s.float() * (1.0 - momentum)))
+    if not exact:
+        torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+        return
+    for tgt, src in _chunks(targets, sources):
+        scaled = torch._foreach_mul(src, 1.0 - momentum)
+        torch._foreach_mul_(tgt, momentum)
+        torch._foreach_add_(tgt, scaled)
 
 
 @torch.no_grad()
@@ -207,15 +216,25 @@ def _enqueue_device_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor
     return ok
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Exactly whether every value of x is finite, cheaply on the CPU: a finite sum proves it (NaN and
+    ±Inf propagate into a sum), and only a sum that overflowed needs the max of |x| (NaN-propagating)."""
+    return math.isfinite(x.sum().item()) or bool(x.abs().amax() < math.inf)
+
+
+_OK = {True: torch.tensor([True]), False: torch.tensor([False])}  # read-only verdicts of the host path
+
+
 def _enqueue_host_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool):
     """CPU enqueue: reading ptr costs no sync here, so write at most two slices directly."""
-    ok = bool(torch.isfinite(keys).all())
+    ok = _all_finite(keys)
     if ok:
-        size, batch, start = queue.shape[0], keys.shape[0], int(ptr[0])
+        size, batch, start = queue.shape[0], keys.shape[0], ptr.item()
         new = torch.nn.functional.normalize(keys.float(), dim=1) if normalize else keys
         first = min(batch, size - start)
         queue[start : start + first] = new[:first]
-        queue[: batch - first] = new[first:]
-        ptr[0] = (start + batch) % size
-        count[0] = min(int(count[0]) + batch, size)
-    return torch.tensor([ok])
+        if first < batch:
+            queue[: batch - first] = new[first:]
+        ptr.fill_((start + batch) % size)
+        count.fill_(min(count.item() + batch, size))
+    return _OK[ok]

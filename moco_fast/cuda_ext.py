@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .backends import Support
+
 MAX_DIM = 256  # largest d of the InfoNCE kernels (csrc/moco_fast.h kMaxD)
 
 try:
@@ -36,6 +38,15 @@ except Exception as exc:  # noqa: BLE001 - not built, or built against another t
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_CUDA = frozenset({"cuda"})
+SUPPORT = {
+    "info_nce": Support(devices=_CUDA, dtypes=frozenset(_KERNEL_DTYPES), max_dim=MAX_DIM),
+    "momentum_update": Support(
+        devices=_CUDA, dtypes=frozenset(_KERNEL_DTYPES), contiguous=True, modes=frozenset({"lerp"})
+    ),
+    "enqueue": Support(devices=_CUDA, dtypes=frozenset(_KERNEL_DTYPES + (torch.float64,))),
+}
 
 
 def _unavailable() -> RuntimeError:
@@ -86,10 +97,12 @@ def infonce_backward_negatives(grad, q, negatives, lse, scale):
     return _ops.infonce_backward_negatives(grad, q, negatives, lse, float(scale))
 
 
-def momentum_update_(targets, sources, momentum) -> None:
+def momentum_update_(targets, sources, momentum, exact=False) -> None:
     """target <- momentum*target + (1 - momentum)*source for whole lists, one launch."""
     if not AVAILABLE:
         raise _unavailable()
+    if exact:
+        raise ValueError("the cuda backend has no exact (two-rounding) momentum mode; use backend='torch'")
     targets, sources = list(targets), list(sources)
     if not targets:
         return

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends
-from .ops import InfoNCEStats, check_matrix, check_temperature, info_nce, stats_from_rank
+from .functional import InfoNCEStats, info_nce, stats_from_rank
 from .queue import KeyQueue
+from .validation import check_matrix, check_temperature
 
 
 class MoCoHead(nn.Module):

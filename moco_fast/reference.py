@@ -3,6 +3,10 @@
 It materializes the B×(K+1) logits (einsum for l_pos and l_neg, torch.cat, divide by T,
 cross_entropy against label 0), so it needs several fp32 copies of a B×K matrix. It is the baseline
 of every benchmark and the oracle of every test; nothing here is meant to be fast.
+
+It is also the "reference" backend: the functions of the backend contract (``moco_fast.backends``)
+at the end of this module run the same naive formulations behind the same custom ops, so
+``backend="reference"`` gives the official numbers through the library's own code path.
 """
 
 from __future__ import annotations
@@ -11,6 +15,16 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .backends import Support
+from .validation import FLOAT_DTYPES
+
+_ANY_FLOAT = frozenset(FLOAT_DTYPES)
+SUPPORT = {
+    "info_nce": Support(devices=None, dtypes=_ANY_FLOAT),
+    "momentum_update": Support(devices=None, dtypes=_ANY_FLOAT, modes=frozenset({"lerp", "exact"})),
+    "enqueue": Support(devices=None, dtypes=_ANY_FLOAT),
+}
 
 
 def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -65,3 +79,62 @@ def reference_enqueue(queue_t: torch.Tensor, ptr: torch.Tensor, keys: torch.Tens
     assert queue_t.shape[1] % batch_size == 0  # for simplicity, as in the official code
     queue_t[:, p : p + batch_size] = keys.T
     ptr[0] = (p + batch_size) % queue_t.shape[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# The "reference" backend: the contract's functions, written the naive way
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def infonce_forward(q, k, negatives, scale, need_rank=True):
+    """(loss, lse, out, rank) from the materialized official logits (B, 1+K)."""
+    logits = info_nce_logits(q, k, negatives, 1.0 / scale)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    probs = torch.softmax(logits, dim=1)
+    out = probs[:, :1] * k.to(logits.dtype) + probs[:, 1:] @ negatives.to(logits.dtype)
+    rank = (logits[:, 1:] > logits[:, :1]).sum(dim=1)
+    return loss, torch.logsumexp(logits, dim=1), out, rank
+
+
+@torch.no_grad()
+def infonce_backward(grad, q, k, lse, out, scale):
+    """(dq, dk): the cross-entropy gradient through the logits, written with the saved softmax mean."""
+    dtype = out.dtype
+    g = grad.to(dtype)[:, None] * scale
+    positive_logit = info_nce_logits(q, k, k[:0], 1.0 / scale)  # (B, 1), rounded as in the forward
+    p_pos = torch.exp(positive_logit - lse[:, None])
+    return (g * (out - k.to(dtype))).to(q.dtype), (g * (p_pos - 1.0) * q.to(dtype)).to(k.dtype)
+
+
+@torch.no_grad()
+def infonce_backward_negatives(grad, q, negatives, lse, scale):
+    """dn from the materialized (B, K) softmax."""
+    dtype = lse.dtype
+    probs = torch.exp(q.to(dtype) @ negatives.to(dtype).T * scale - lse[:, None])
+    return (probs.T @ (q.to(dtype) * grad.to(dtype)[:, None] * scale)).to(negatives.dtype)
+
+
+@torch.no_grad()
+def momentum_update_(targets, sources, momentum, exact=False):
+    """The official per-parameter loop (``exact``), or the same loop with a lerp."""
+    for t, s in zip(targets, sources):
+        if exact:
+            t.copy_(t * momentum + s * (1.0 - momentum))
+        else:
+            t.lerp_(s, 1.0 - momentum)
+
+
+@torch.no_grad()
+def enqueue_(queue, ptr, count, keys, normalize):
+    """One row at a time at (ptr + i) mod K, after the official host read of the pointer."""
+    ok = bool(torch.isfinite(keys).all())
+    if ok:
+        size, start = queue.shape[0], int(ptr)
+        rows = F.normalize(keys.to(torch.promote_types(keys.dtype, torch.float32)), dim=1) if normalize else keys
+        for i in range(keys.shape[0]):
+            queue[(start + i) % size] = rows[i]
+        ptr.fill_((start + keys.shape[0]) % size)
+        count.fill_(min(int(count) + keys.shape[0], size))
+    return torch.tensor([ok], device=queue.device)

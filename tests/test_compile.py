@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import moco_fast
-import moco_fast.ops as ops
+import moco_fast.functional as functional
 
 OPCHECK_CASES = [
     # (B, K, d, q dtype, negatives dtype)
@@ -99,20 +99,15 @@ def test_compile_negatives_with_grad():
 
 
 def _spy(monkeypatch):
-    calls = {"reference": 0, "op": []}
-    real_reference = ops.reference_info_nce
-    real_op = ops.info_nce_forward
-
-    def reference(*args, **kwargs):
-        calls["reference"] += 1
-        return real_reference(*args, **kwargs)
+    """Record the backend every info_nce call runs on (all of them go through the one custom op)."""
+    calls = []
+    real_op = functional.ops.info_nce_forward
 
     def op(q, k, n, scale, impl, *rest):
-        calls["op"].append(impl)
+        calls.append(impl)
         return real_op(q, k, n, scale, impl, *rest)
 
-    monkeypatch.setattr(ops, "reference_info_nce", reference)
-    monkeypatch.setattr(ops, "info_nce_forward", op)
+    monkeypatch.setattr(functional.ops, "info_nce_forward", op)
     return calls
 
 
@@ -121,12 +116,12 @@ def test_env_var_routes_auto_to_reference(monkeypatch):
     q, k, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(10, 8)
     monkeypatch.setenv("MOCO_FAST_BACKEND", "reference")
     loss = moco_fast.info_nce(q, k, n, 0.1)
-    assert calls == {"reference": 1, "op": []}
+    assert calls == ["reference"]
     expected, _, _ = moco_fast.reference.reference_info_nce(q, k, n, 0.1)
-    assert torch.equal(loss, expected)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     # an explicit backend wins over the variable
     moco_fast.info_nce(q, k, n, 0.1, backend="torch")
-    assert calls == {"reference": 1, "op": ["torch"]}
+    assert calls == ["reference", "torch"]
 
 
 def test_env_var_routes_auto_to_torch(monkeypatch):
@@ -138,7 +133,7 @@ def test_env_var_routes_auto_to_torch(monkeypatch):
     moco_fast.info_nce(q, k, n, 0.1)
     monkeypatch.delenv("MOCO_FAST_BACKEND")
     moco_fast.info_nce(q, k, n, 0.1)
-    assert calls == {"reference": 0, "op": ["torch", "torch", "torch"]}
+    assert calls == ["torch", "torch", "torch"]
 
 
 def test_env_var_reaches_the_head(monkeypatch):
@@ -147,4 +142,4 @@ def test_env_var_reaches_the_head(monkeypatch):
     head = moco_fast.MoCoHead(8, 20, 0.1, queue_init="random")
     head.eval()  # no enqueue: see test_head.py for the reference backend's training-mode backward
     head(torch.randn(4, 8), torch.randn(4, 8))
-    assert calls["reference"] == 1 and calls["op"] == []
+    assert calls == ["reference"]

@@ -51,10 +51,6 @@ def sgd_like_step(model: nn.Module, scale: float = 0.05) -> None:
         p.add_(torch.randn_like(p) * scale)
 
 
-# chunked.momentum_update_ sends every non-fp32 dtype down its half-precision branch, so float64
-# parameters are updated in fp32 and rounded (relative error ~2e-7 instead of ~1e-16).
-
-
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     x = x.double()
     exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0**-126)))
@@ -77,12 +73,36 @@ def test_module_update_equals_official_loop_exactly(backend, momentum):
     buffers_before = {k: v.clone() for k, v in ours.named_buffers()}
     for step in range(5):
         sgd_like_step(online)
-        momentum_update(ours, online, momentum, backend=backend)
+        momentum_update(ours, online, momentum, exact=True, backend=backend)
         reference_momentum_update(official, online, momentum)
         for (name, p), q in zip(ours.named_parameters(), official.parameters(), strict=True):
             assert torch.equal(p, q), f"step {step}: {name}"
         for name, b in ours.named_buffers():  # BN statistics untouched
             assert torch.equal(b, buffers_before[name]), name
+    if momentum == 0.0:
+        for p, q in zip(ours.parameters(), online.parameters(), strict=True):
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.999, 0.9, 0.3, 0.0, 1.0])
+def test_default_update_is_one_lerp(backend, dtype, momentum):
+    """The default arithmetic: torch.lerp(t, s, 1 − m) (one pass), within 2 ulp of the exact value."""
+    online = SmallCNN().to(dtype)
+    ours = copy.deepcopy(online)
+    sgd_like_step(ours, 1.0)
+    for _ in range(3):
+        sgd_like_step(online)
+        expected = [torch.lerp(t, s, 1.0 - momentum) for t, s in zip(ours.parameters(), online.parameters())]
+        before = [(t.double(), s.double()) for t, s in zip(ours.parameters(), online.parameters())]
+        momentum_update(ours, online, momentum, backend=backend)
+        for p, e, (t, src) in zip(ours.parameters(), expected, before, strict=True):
+            assert torch.equal(p, e)
+            if dtype == torch.float32:  # within 2 ulp of the exact update (float64 math)
+                x = t + (1.0 - momentum) * (src - t)
+                ulp = torch.finfo(dtype).eps * torch.maximum(t.abs(), src.abs()).clamp_min(torch.finfo(dtype).tiny)
+                assert ((p.double() - x).abs() <= 2 * ulp).all()
     if momentum == 0.0:
         for p, q in zip(ours.parameters(), online.parameters(), strict=True):
             assert torch.equal(p, q)
@@ -108,7 +128,7 @@ def test_tensor_list_form_equals_formula(backend):
     expected = [t * 0.99 + s * (1.0 - 0.99) for t, s in zip(targets, sources, strict=True)]
     sources_before = [s.clone() for s in sources]
     ptrs = [t.data_ptr() for t in targets]
-    momentum_update(targets, sources, 0.99, backend=backend)
+    momentum_update(targets, sources, 0.99, exact=True, backend=backend)
     for t, e, ptr in zip(targets, expected, ptrs, strict=True):
         assert torch.equal(t, e)
         assert t.data_ptr() == ptr  # in place
@@ -121,7 +141,7 @@ def test_tensor_list_form_accepts_parameters_and_tuples():
     expected = [
         p.detach() * 0.9 + q.detach() * (1.0 - 0.9) for p, q in zip(a.parameters(), b.parameters(), strict=True)
     ]
-    momentum_update(tuple(a.parameters()), list(b.parameters()), 0.9)
+    momentum_update(tuple(a.parameters()), list(b.parameters()), 0.9, exact=True)
     for p, e in zip(a.parameters(), expected, strict=True):
         assert torch.equal(p.detach(), e)
         assert p.grad is None
@@ -131,7 +151,7 @@ def test_non_contiguous_tensors():
     targets = [torch.randn(6, 4).T, torch.randn(8)[::2]]
     sources = [torch.randn(4, 6), torch.randn(4)]
     expected = [t * 0.7 + s * (1.0 - 0.7) for t, s in zip(targets, sources, strict=True)]
-    momentum_update(targets, sources, 0.7)
+    momentum_update(targets, sources, 0.7, exact=True)
     for t, e in zip(targets, expected, strict=True):
         assert torch.equal(t, e)
 
@@ -178,7 +198,7 @@ def test_float64_update_equals_official():
     ours, official = copy.deepcopy(online), copy.deepcopy(online)
     for _ in range(3):
         sgd_like_step(online)
-        momentum_update(ours, online, 0.99)
+        momentum_update(ours, online, 0.99, exact=True)
         reference_momentum_update(official, online, 0.99)
     for p, q in zip(ours.parameters(), official.parameters(), strict=True):
         assert torch.equal(p, q)
@@ -188,7 +208,7 @@ def test_mixed_dtype_lists_are_grouped():
     targets = [torch.randn(4), torch.randn(3).to(torch.bfloat16), torch.randn(5)]
     sources = [torch.randn(4), torch.randn(3).to(torch.bfloat16), torch.randn(5)]
     expected = [(t.double() * 0.9 + s.double() * (1.0 - 0.9)) for t, s in zip(targets, sources, strict=True)]
-    fp32_expected = [targets[i] * 0.9 + sources[i] * (1.0 - 0.9) for i in (0, 2)]
+    fp32_expected = [torch.lerp(targets[i], sources[i], 1.0 - 0.9) for i in (0, 2)]
     momentum_update(targets, sources, 0.9)
     assert torch.equal(targets[0], fp32_expected[0]) and torch.equal(targets[2], fp32_expected[1])
     assert ((targets[1].double() - expected[1]).abs() <= bf16_ulp(expected[1])).all()
@@ -274,7 +294,7 @@ def test_single_tensor_instead_of_list_raises():
 
 def test_encoder_update_equals_official_loop_exactly_and_never_touches_online():
     online = SmallCNN()
-    enc = MomentumEncoder(online, momentum=0.99)
+    enc = MomentumEncoder(online, momentum=0.99, exact=True)
     official = copy.deepcopy(online)
     assert enc.online is online
     for step in range(6):
@@ -299,10 +319,31 @@ def test_encoder_update_equals_official_loop_exactly_and_never_touches_online():
             assert not torch.equal(b_key, b_online), name
 
 
+def test_encoder_reuses_its_plan_and_rebuilds_it_when_parameters_move(monkeypatch):
+    import moco_fast.momentum as momentum_module
+
+    builds = []
+    real = momentum_module.momentum_plan
+    monkeypatch.setattr(momentum_module, "momentum_plan", lambda *a: builds.append(1) or real(*a))
+    online = SmallCNN()
+    enc = MomentumEncoder(online, momentum=0.9)
+    for _ in range(3):
+        enc.update()
+    assert len(builds) == 1  # validated once, reused
+    online.fc = nn.Linear(16, 10)  # a replaced parameter: new storage
+    expected = [torch.lerp(p, o, 0.1) for p, o in zip(enc.module.parameters(), online.parameters())]
+    enc.update()
+    assert len(builds) == 2
+    for p, e in zip(enc.module.parameters(), expected, strict=True):
+        assert torch.equal(p, e)
+    enc.update(SmallCNN())  # another model: a plan of its own
+    assert len(builds) == 3
+
+
 def test_encoder_update_from_another_model():
     online = SmallCNN()
     other = SmallCNN()
-    enc = MomentumEncoder(online, momentum=0.5)
+    enc = MomentumEncoder(online, momentum=0.5, exact=True)
     official = copy.deepcopy(online)
     enc.update(other)
     reference_momentum_update(official, other, 0.5)
@@ -390,7 +431,7 @@ def test_flat_buffer_survives_dtype_conversion(convert):
 
 def test_update_after_conversion_to_float64_equals_official():
     online = SmallCNN()
-    enc = MomentumEncoder(online, momentum=0.9).double()
+    enc = MomentumEncoder(online, momentum=0.9, exact=True).double()
     online.double()
     official = copy.deepcopy(enc.module)
     for _ in range(3):
