@@ -167,10 +167,12 @@ def _cuda_extension():
 
 ext_modules, cmdclass = _cuda_extension()
 
-packages = ["moco_fast", "moco_fast.kernels"]
-for sub in ("train",):
-    if os.path.isdir(os.path.join("moco_fast", sub)):
-        packages.append(f"moco_fast.{sub}")
+# moco_fast and its subpackages (every folder with an __init__.py), plus the Triton kernels from kernels/.
+packages = ["moco_fast", "moco_fast.kernels"] + sorted(
+    f"moco_fast.{entry}"
+    for entry in os.listdir("moco_fast")
+    if os.path.isfile(os.path.join("moco_fast", entry, "__init__.py"))
+)
 
 setup(
     packages=packages,

@@ -1,6 +1,6 @@
 """Which implementation runs an op: "auto" | "cuda" | "triton" | "torch" | "reference".
 
-The backend contract. Every implementation module — ``moco_fast.chunked`` ("torch", blockwise
+The backend contract. Every implementation module — ``moco_fast.torch_backend`` ("torch", blockwise
 PyTorch, any device), ``moco_fast.kernels`` ("triton"), ``moco_fast.cuda_ext`` ("cuda", the compiled
 ``moco_fast._C``) and ``moco_fast.reference`` ("reference", the official formulation, materializing
 everything) — declares what it can serve in a module-level ``SUPPORT`` dict, op name → :class:`Support`
@@ -61,7 +61,7 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch")}
 AUTO_ORDER_DEFAULT = ("torch",)
 
 _MODULES = {
-    "torch": "moco_fast.chunked",
+    "torch": "moco_fast.torch_backend",
     "triton": "moco_fast.kernels",
     "cuda": "moco_fast.cuda_ext",
     "reference": "moco_fast.reference",

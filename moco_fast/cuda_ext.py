@@ -67,7 +67,7 @@ def infonce_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, s
     if not AVAILABLE:
         raise _unavailable()
     if not _kernels_take(q, k, negatives):
-        from moco_fast import chunked
+        from moco_fast import torch_backend as chunked
 
         return chunked.infonce_forward(q, k, negatives, scale)
     lse, out, rank = _ops.infonce_forward(q, k, negatives, float(scale), allow_tf32())
@@ -80,7 +80,7 @@ def infonce_backward(grad, q, k, lse, out, scale):
     if not AVAILABLE:
         raise _unavailable()
     if not all(t.dtype in _KERNEL_DTYPES for t in (q, k)):
-        from moco_fast import chunked
+        from moco_fast import torch_backend as chunked
 
         return chunked.infonce_backward(grad, q, k, lse, out, scale)
     return _ops.infonce_backward(grad, q, k, lse, out, float(scale))
@@ -91,7 +91,7 @@ def infonce_backward_negatives(grad, q, negatives, lse, scale):
     if not AVAILABLE:
         raise _unavailable()
     if not _kernels_take(q, negatives):
-        from moco_fast import chunked
+        from moco_fast import torch_backend as chunked
 
         return chunked.infonce_backward_negatives(grad, q, negatives, lse, scale)
     return _ops.infonce_backward_negatives(grad, q, negatives, lse, float(scale))

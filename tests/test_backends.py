@@ -126,7 +126,7 @@ def test_availability_reports_a_reason_for_each_missing_backend():
 
 _BROKEN = """
 import sys, types
-import moco_fast.chunked as c
+import moco_fast.torch_backend as c
 del c.SUPPORT  # a backend module that lost its declaration is a bug: selection must not run elsewhere
 import torch, moco_fast
 try:

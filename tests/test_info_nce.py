@@ -538,7 +538,7 @@ def test_non_contiguous_inputs():
 @pytest.mark.parametrize("B,K,d", [(1, 1, 16), (7, 1000, 96), (37, 4099, 128)])
 @pytest.mark.parametrize("fused", ["1", "0"])
 def test_torch_forward_without_rank_fused_and_fallback_match_float64(monkeypatch, B, K, d, fused):
-    from moco_fast import chunked
+    from moco_fast.torch_backend import infonce as chunked
 
     monkeypatch.setenv("MOCO_FAST_CPU_FUSED_ATTENTION", fused)
     calls = []

@@ -406,7 +406,7 @@ def test_constructor_checks(kwargs, exc, match):
 @pytest.mark.parametrize("path", ["_enqueue_host_", "_enqueue_device_"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_torch_enqueue_paths_match_ring_model_and_reject_nan(path, normalize):
-    from moco_fast import chunked
+    from moco_fast.torch_backend import enqueue as chunked
 
     write = getattr(chunked, path)
     size, dim = 10, 6

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import moco_fast
-from moco_fast import chunked
 from moco_fast import queue as queue_module
+from moco_fast.torch_backend import enqueue as torch_enqueue
 
 # Every way Python code reads a tensor's values back to the host (each is a device sync on CUDA).
 _READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
@@ -56,7 +56,7 @@ def no_host_reads(monkeypatch, host_mirrors=()):
 def device_code_path(monkeypatch):
     """Run the GPU code path on CPU tensors."""
     monkeypatch.setattr(queue_module, "_reads_are_free", lambda t: False)
-    monkeypatch.setattr(chunked, "_enqueue_host_", chunked._enqueue_device_)
+    monkeypatch.setattr(torch_enqueue, "_enqueue_host_", torch_enqueue._enqueue_device_)
 
 
 class Encoder(nn.Module):

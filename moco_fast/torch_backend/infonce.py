@@ -1,35 +1,24 @@
-"""The "torch" backend: the single-pass InfoNCE in blockwise PyTorch ops, for any device.
+"""The "torch" backend's InfoNCE: the single pass in blockwise PyTorch ops, for any device.
 
 One sweep over the negatives in blocks of rows keeps, per query row, the running max ``m``, the
 running sum ``l`` and the rescaled weighted sum ``acc`` of key rows (a flash-attention forward with
 V = K). The row starts with the positive key (m = q·k, l = 1, acc = k), so no B×(K+1) logits
-ever exist: the extra memory is O(B·d + B·block). The backward needs only lse and O (DESIGN.md):
+ever exist: the extra memory is O(B·d + B·block). The backward needs only lse and O (docs/design.md):
 dq = g/T·(O − k) and dk = g/T·(p0 − 1)·q. The rarely needed gradient of the negatives recomputes
 the logits block by block.
 
 All arithmetic is fp32 whatever the input dtypes (bf16/fp16 blocks are upcast one block at a time),
 or fp64 when an input is fp64 (so gradcheck can run on this backend).
-Functions follow the contract in ``moco_fast.backends``; ``SUPPORT`` declares what they serve.
+Functions follow the contract in ``moco_fast.backends``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
-from .backends import Support
-from .validation import FLOAT_DTYPES, compute_dtype
-
-AVAILABLE = True
-
-_ANY_FLOAT = frozenset(FLOAT_DTYPES)
-SUPPORT = {
-    "info_nce": Support(devices=None, dtypes=_ANY_FLOAT),
-    "momentum_update": Support(devices=None, dtypes=_ANY_FLOAT, modes=frozenset({"lerp", "exact"})),
-    "enqueue": Support(devices=None, dtypes=_ANY_FLOAT),
-}
+from ..validation import compute_dtype
 
 # Elements of the B×block score tile: 2**19 fp32 = 2 MiB, measured fastest here (B=256: 2048-key blocks).
 _TILE_ELEMENTS = 1 << 19
@@ -149,92 +138,3 @@ def infonce_backward_negatives(
         probs = (qs @ keys.T).sub_(lse[:, None]).exp_()
         dn[start : start + block] = (probs.T @ weighted_q).to(negatives.dtype)
     return dn
-
-
-# Elements of the temporary `source·(1 − m)` per fused call of the exact mode: bounded so that a
-# ResNet-50 update does not allocate (and page-fault) a model-sized buffer every step.
-_MOMENTUM_CHUNK = 1 << 20
-
-
-def _chunks(targets: list[torch.Tensor], sources: list[torch.Tensor]):
-    """Consecutive runs of (targets, sources) with about _MOMENTUM_CHUNK elements each."""
-    begin, size = 0, 0
-    for i, t in enumerate(targets):
-        size += t.numel()
-        if size >= _MOMENTUM_CHUNK:
-            yield targets[begin : i + 1], sources[begin : i + 1]
-            begin, size = i + 1, 0
-    if begin < len(targets):
-        yield targets[begin:], sources[begin:]
-
-
-@torch.no_grad()
-def momentum_update_(
-    targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float, exact: bool = False
-) -> None:
-    """In place, for each pair: target ← lerp(target, source, 1 − m), one fused pass over the list.
-
-    ``exact=True``: the official ``target·m + source·(1 − m)``, with its two roundings bit for bit
-    (an alpha-add would fuse them into one FMA and differ in the last bit), in bounded chunks.
-    """
-    if not targets:
-        return
-    if not exact:
-        torch._foreach_lerp_(targets, sources, 1.0 - momentum)
-        return
-    for tgt, src in _chunks(targets, sources):
-        scaled = torch._foreach_mul(src, 1.0 - momentum)
-        torch._foreach_mul_(tgt, momentum)
-        torch._foreach_add_(tgt, scaled)
-
-
-@torch.no_grad()
-def enqueue_(
-    queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool
-) -> torch.Tensor:
-    """Ring write of ``keys`` at rows (ptr + i) mod K, all-or-nothing on non-finite keys; no host sync."""
-    if queue.device.type == "cpu":
-        return _enqueue_host_(queue, ptr, count, keys, normalize)
-    return _enqueue_device_(queue, ptr, count, keys, normalize)
-
-
-def _enqueue_device_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool):
-    """Device enqueue: the pointer stays on the device; a rejected batch rewrites the old rows."""
-    size = queue.shape[0]
-    batch = keys.shape[0]
-    ok = torch.isfinite(keys).all().reshape(1)
-    rows = (ptr + torch.arange(batch, device=queue.device)) % size
-    new = keys.float()
-    if normalize:
-        new = torch.nn.functional.normalize(new, dim=1)
-    # Keep the old rows where the batch is rejected, so the write is a no-op then.
-    new = torch.where(ok, new.to(queue.dtype), queue.index_select(0, rows))
-    queue.index_copy_(0, rows, new)
-    step = ok.to(torch.int64) * batch
-    ptr.copy_((ptr + step) % size)
-    count.copy_(torch.clamp(count + step, max=size))
-    return ok
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """Exactly whether every value of x is finite, cheaply on the CPU: a finite sum proves it (NaN and
-    ±Inf propagate into a sum), and only a sum that overflowed needs the max of |x| (NaN-propagating)."""
-    return math.isfinite(x.sum().item()) or bool(x.abs().amax() < math.inf)
-
-
-_OK = {True: torch.tensor([True]), False: torch.tensor([False])}  # read-only verdicts of the host path
-
-
-def _enqueue_host_(queue: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, keys: torch.Tensor, normalize: bool):
-    """CPU enqueue: reading ptr costs no sync here, so write at most two slices directly."""
-    ok = _all_finite(keys)
-    if ok:
-        size, batch, start = queue.shape[0], keys.shape[0], ptr.item()
-        new = torch.nn.functional.normalize(keys.float(), dim=1) if normalize else keys
-        first = min(batch, size - start)
-        queue[start : start + first] = new[:first]
-        if first < batch:
-            queue[: batch - first] = new[first:]
-        ptr.fill_((start + batch) % size)
-        count.fill_(min(count.item() + batch, size))
-    return _OK[ok]

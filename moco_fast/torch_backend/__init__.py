@@ -1,0 +1,33 @@
+"""The "torch" backend: every op in portable PyTorch, for any device (the CPU default).
+
+One module per op family; ``SUPPORT`` declares what they serve (see the contract in
+``moco_fast.backends``). All arithmetic is fp32 whatever the input dtypes, or fp64 when an input is
+fp64 (so gradcheck can run on this backend).
+"""
+
+from __future__ import annotations
+
+from ..backends import Support
+from ..validation import FLOAT_DTYPES
+from .enqueue import enqueue_
+from .infonce import infonce_backward, infonce_backward_negatives, infonce_forward
+from .momentum import momentum_update_
+
+AVAILABLE = True
+
+_ANY_FLOAT = frozenset(FLOAT_DTYPES)
+SUPPORT = {
+    "info_nce": Support(devices=None, dtypes=_ANY_FLOAT),
+    "momentum_update": Support(devices=None, dtypes=_ANY_FLOAT, modes=frozenset({"lerp", "exact"})),
+    "enqueue": Support(devices=None, dtypes=_ANY_FLOAT),
+}
+
+__all__ = [
+    "AVAILABLE",
+    "SUPPORT",
+    "enqueue_",
+    "infonce_backward",
+    "infonce_backward_negatives",
+    "infonce_forward",
+    "momentum_update_",
+]
