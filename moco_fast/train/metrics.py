@@ -20,11 +20,14 @@ def _clean(value):
 
 
 def write_csv(history: list[dict], path: str) -> None:
+    """One row per epoch: the standard COLUMNS, then any other stats a method logs (in first-seen order)."""
+    extra = [k for row in history for k in row if k not in COLUMNS]
+    columns = list(COLUMNS) + list(dict.fromkeys(extra))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: ("" if _clean(row.get(k)) is None else row.get(k)) for k in COLUMNS})
+        writer.writerow({k: ("" if _clean(row.get(k)) is None else row.get(k)) for k in columns})
     atomic_write_text(buf.getvalue(), path)
 
 
@@ -57,7 +60,7 @@ def plot(history: list[dict], path: str, title: str = "", baselines: dict | None
         "o-",
         color="tab:blue",
         ms=3,
-        label="InfoNCE loss (train)",
+        label="loss (train)",
     )
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss", color="tab:blue")
