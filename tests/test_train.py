@@ -86,8 +86,8 @@ def test_method_selection():
     with pytest.raises(SystemExit) as exc:
         main(["--method", "nonsense"])
     assert exc.value.code == 2
-    with pytest.raises(ConfigError, match="unknown method"):
-        resolve({"method": "nonsense", "preset": "mnist"})
+    with pytest.raises(ConfigError, match="no default preset for method 'nonsense'"):
+        resolve({"method": "nonsense"})
     with pytest.raises(ConfigError, match="is for method 'moco'"):
         resolve({"method": "other", "preset": "mnist"})
 
