@@ -413,12 +413,11 @@ class Trainer:
         t0 = time.perf_counter()
         seconds_before = self.meters.seconds
         try:
-            for step, x1, x2 in self.source.views(self.order, self.epoch, start, self.rt.device):
+            for step, *views in self.source.views(self.order, self.epoch, start, self.rt.device):
                 if cfg.channels_last:
-                    x1 = x1.contiguous(memory_format=torch.channels_last)
-                    x2 = x2.contiguous(memory_format=torch.channels_last)
+                    views = [x.contiguous(memory_format=torch.channels_last) for x in views]
                 with self.autocast():
-                    loss, stats = self.net([x1, x2])
+                    loss, stats = self.net(views)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
