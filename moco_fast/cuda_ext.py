@@ -78,6 +78,8 @@ def _check(fn: str, d: int | None = None, **tensors: torch.Tensor) -> None:
 
 @functools.cache
 def _num_sms(device: int) -> int:
+    if device < 0:
+        raise ValueError("cuda_ext.infonce_forward: q, k and negatives must be CUDA tensors")
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 

@@ -252,6 +252,8 @@ def test_forward_passes_the_cached_plan(recorded_forward, monkeypatch):
 def test_unsupported_inputs_raise_instead_of_falling_back():
     """d > MAX_DIM and fp64 used to go to the torch backend silently; now an error names the argument."""
     assert cuda_ext.MAX_DIM == 256 and cuda_ext.DTYPES == (torch.float32, torch.bfloat16, torch.float16)
+    with pytest.raises(ValueError, match="must be CUDA tensors"):
+        cuda_ext.infonce_forward(torch.randn(3, 16), torch.randn(3, 16), torch.randn(5, 16), 2.0)
     assert torch.float64 in cuda_ext.STATE_DTYPES
     q, n = torch.randn(3, 300), torch.randn(5, 300)
     with pytest.raises(ValueError, match=r"infonce_forward: the feature dimension d of q must be in \[1, 256\]"):
@@ -600,8 +602,10 @@ def _forward_case(B, K, d, name, temperature=0.07, inputs=None):
     ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
     assert _rel(lse, ref_lse) < tol, name
     assert _rel(out, ref_out) < tol, name
-    # the loss from the kernel: error relative to the logit scale (the loss itself may be tiny)
-    assert (loss.double() - (ref_lse - pos)).abs().max().item() < tol * max(1.0, ref_lse.abs().max().item()), name
+    # the loss from the kernel: error relative to the logit scale (the loss itself may be tiny); only TF32
+    # moves the logits (it rounds q and the keys), fp32 sums keep lse and the positive logit accurate otherwise
+    ltol = 2e-3 if precision == "high" else 1e-4
+    assert (loss.double() - (ref_lse - pos)).abs().max().item() < ltol * max(1.0, ref_lse.abs().max().item()), name
     if K == 0:
         assert torch.equal(loss, torch.zeros_like(loss)), "K = 0 must give loss 0 exactly"
     _check_rank(rank, ref_rank, neg, pos, tie_tol=tie * scale * max(1.0, q.float().norm(dim=1).max().item() ** 2))
