@@ -5,11 +5,13 @@
 #include <Python.h>
 
 #include <cstring>
-#include <mutex>
+#include <string>
+#include <utility>
 #include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -48,95 +50,131 @@ void check_matrix(const at::Tensor& t, const char* name, const at::Device& devic
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-int sm_count(int device) {
-  static std::mutex mu;
-  static std::vector<int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, 0);
-  if (cache[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = n > 0 ? n : 1;
-  }
-  return cache[device];
-}
-
 void check_d(int64_t d) {
-  TORCH_CHECK(d >= 1 && d <= mf::kMaxD, "moco_fast_C: feature dimension d must be in [1, ", mf::kMaxD,
-              "], got ", d, " (moco_fast.cuda_ext routes larger d to the 'torch' backend)");
+  TORCH_CHECK_VALUE(d >= 1 && d <= mf::kMaxD, "moco_fast_C: the feature dimension d must be in [1, ", mf::kMaxD,
+                    "], got ", d);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_forward(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                               const at::Tensor& n_in, double scale,
-                                                               bool allow_tf32) {
-  const at::Device device = q_in.device();
-  check_matrix(q_in, "q", device);
-  check_matrix(k_in, "k", device);
-  check_matrix(n_in, "negatives", device);
-  TORCH_CHECK(k_in.sizes() == q_in.sizes(), "moco_fast_C: k must have q's shape ", q_in.sizes(), ", got ",
-              k_in.sizes());
-  TORCH_CHECK(n_in.size(1) == q_in.size(1), "moco_fast_C: negatives must have d = ", q_in.size(1), ", got ",
-              n_in.size(1));
-  const int64_t B = q_in.size(0), K = n_in.size(0), d = q_in.size(1);
-  check_d(d);
-  const c10::cuda::CUDAGuard guard(device);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), n = n_in.contiguous();
+// The compute type named by the caller's plan (kernels/heuristics.py CUDA_COMPUTES).
+int parse_compute(const std::string& name) {
+  if (name == "bfloat16") return mf::kCompBF16;
+  if (name == "float16") return mf::kCompF16;
+  if (name == "tf32") return mf::kCompTF32;
+  if (name == "ieee") return mf::kCompF32;
+  TORCH_CHECK_VALUE(false, "moco_fast_C: compute must be 'bfloat16', 'float16', 'tf32' or 'ieee', got '", name, "'");
+  return -1;
+}
 
+// [block_m, block_n, threads, smem bytes, resident blocks per SM on `device` (0 when device < 0), max splits]
+// of the forward kernel for (compute, d): the facts the Python plan (kernels/heuristics.py) is made from.
+std::vector<int64_t> infonce_forward_tile(const std::string& compute_name, int64_t d, int64_t device) {
+  const int compute = parse_compute(compute_name);
+  check_d(d);
+  const mf::FwdTile t = mf::fwd_tile(compute, static_cast<int>(d));
+  int64_t ctas = 0;
+  if (device >= 0) {
+    TORCH_CHECK_VALUE(device < c10::cuda::device_count(), "moco_fast_C: device ", device, " does not exist (",
+                      static_cast<int>(c10::cuda::device_count()), " CUDA devices)");
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    ctas = mf::fwd_ctas_per_sm(compute, static_cast<int>(d));
+  }
+  return {t.bm, t.bn, t.threads, t.smem, ctas, mf::kMaxSplits};
+}
+
+// The caller's plan must be one the kernels can run: compute readable from these dtypes, and chunks of
+// whole key tiles, none empty, covering all K keys (K = 0: no chunks).
+void check_plan(int compute, int qt, int nt, int d, int64_t K, int64_t nsplit, int64_t chunk) {
+  TORCH_CHECK_VALUE(compute != mf::kCompBF16 || (qt == mf::kBF16 && nt == mf::kBF16),
+                    "moco_fast_C: compute 'bfloat16' needs q and negatives both bfloat16");
+  TORCH_CHECK_VALUE(compute != mf::kCompF16 || (qt == mf::kF16 && nt == mf::kF16),
+                    "moco_fast_C: compute 'float16' needs q and negatives both float16");
+  if (K == 0) {
+    TORCH_CHECK_VALUE(nsplit == 0 && chunk == 0, "moco_fast_C: with K = 0 negatives the plan must have num_splits = 0",
+                      " and keys_per_split = 0, got ", nsplit, " and ", chunk);
+    return;
+  }
+  const int64_t bn = mf::fwd_tile(compute, d).bn;
+  TORCH_CHECK_VALUE(nsplit >= 1 && nsplit <= mf::kMaxSplits, "moco_fast_C: num_splits must be in [1, ", mf::kMaxSplits,
+                    "] for K = ", K, ", got ", nsplit);
+  TORCH_CHECK_VALUE(chunk >= bn && chunk % bn == 0 && chunk <= (K + bn - 1) / bn * bn,
+                    "moco_fast_C: keys_per_split must be a positive multiple of the key tile ", bn, " and at most ",
+                    (K + bn - 1) / bn * bn, " for K = ", K, ", got ", chunk);
+  TORCH_CHECK_VALUE((nsplit - 1) * chunk < K && K <= nsplit * chunk, "moco_fast_C: ", nsplit, " splits of ", chunk,
+                    " keys must cover K = ", K, " keys with no empty split");
+}
+
+// Shapes, dtypes and the plan of an infonce_forward call, whatever the device: shared by the CUDA kernel
+// and the Meta kernel (which lets the checks run, and be tested, without a GPU).
+mf::FwdParams check_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& n, const std::string& compute,
+                            int64_t num_splits, int64_t keys_per_split) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {n, "negatives"}}) {
+    TORCH_CHECK_VALUE(t.dim() == 2, "moco_fast_C: ", name, " must be 2-D, got shape ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == q.device(), "moco_fast_C: ", name, " is on ", t.device(), ", expected ", q.device());
+  }
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), "moco_fast_C: k must have q's shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK_VALUE(n.size(1) == q.size(1), "moco_fast_C: negatives must have d = ", q.size(1), ", got ", n.size(1));
+  check_d(q.size(1));
   mf::FwdParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.n = n.data_ptr();
   p.qt = dtype_code(q, "q", false);
   p.kt = dtype_code(k, "k", false);
   p.nt = dtype_code(n, "negatives", false);
-  if (p.qt == p.nt && p.qt == mf::kBF16) {
-    p.compute = mf::kCompBF16;
-  } else if (p.qt == p.nt && p.qt == mf::kF16) {
-    p.compute = mf::kCompF16;
-  } else {  // fp32 involved, or bf16 with fp16: fp32 operands (exact for 16-bit inputs)
-    p.compute = allow_tf32 ? mf::kCompTF32 : mf::kCompF32;
-  }
-  p.B = B;
-  p.K = K;
-  p.d = static_cast<int>(d);
-  p.vec_q = d % 8 == 0 && aligned16(p.q);
-  p.vec_n = d % 8 == 0 && aligned16(p.n);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.compute = parse_compute(compute);
+  p.B = q.size(0);
+  p.K = n.size(0);
+  p.d = static_cast<int>(q.size(1));
+  check_plan(p.compute, p.qt, p.nt, p.d, p.K, num_splits, keys_per_split);
+  p.nsplit = static_cast<int>(num_splits);
+  p.chunk = keys_per_split;
+  return p;
+}
 
+using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+FwdOut forward_outputs(const at::Tensor& q) {
+  const int64_t B = q.size(0), d = q.size(1);
   auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor lse = at::empty({B}, f32);
-  at::Tensor out = at::empty({B, d}, f32);
-  at::Tensor rank = at::empty({B}, q.options().dtype(at::kLong));
-  if (B == 0) return {lse, out, rank};
+  return {at::empty({B}, f32), at::empty({B}, f32), at::empty({B, d}, f32), at::empty({B}, q.options().dtype(at::kLong))};
+}
 
-  int bm = 0, bn = 0;
-  mf::fwd_tile_shape(p.compute, p.d, &bm, &bn);
-  const int64_t row_tiles = (B + bm - 1) / bm;
-  const int64_t key_tiles = (K + bn - 1) / bn;
-  int64_t nsplit = 0, chunk = 0;
-  if (K > 0) {
-    // about one wave of blocks (2 per SM); at most 1024 chunks; no empty chunk
-    const int64_t target = 2 * static_cast<int64_t>(sm_count(device.index()));
-    nsplit = std::min<int64_t>({std::max<int64_t>(1, (target + row_tiles - 1) / row_tiles), key_tiles, 1024});
-    const int64_t tiles_per_split = (key_tiles + nsplit - 1) / nsplit;
-    nsplit = (key_tiles + tiles_per_split - 1) / tiles_per_split;
-    chunk = tiles_per_split * bn;
-  }
-  p.nsplit = static_cast<int>(nsplit);
-  p.chunk = chunk;
+FwdOut infonce_forward_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& n, double /*scale*/,
+                            const std::string& compute, int64_t num_splits, int64_t keys_per_split) {
+  check_forward(q, k, n, compute, num_splits, keys_per_split);
+  return forward_outputs(q);
+}
+
+FwdOut infonce_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& n_in, double scale,
+                       const std::string& compute, int64_t num_splits, int64_t keys_per_split) {
+  const at::Device device = q_in.device();
+  check_cuda(q_in, "q", device);
+  check_cuda(k_in, "k", device);
+  check_cuda(n_in, "negatives", device);
+  mf::FwdParams p = check_forward(q_in, k_in, n_in, compute, num_splits, keys_per_split);
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), n = n_in.contiguous();
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.n = n.data_ptr();
+  p.vec_q = p.d % 8 == 0 && aligned16(p.q);
+  p.vec_n = p.d % 8 == 0 && aligned16(p.n);
+  p.scale = scale;
+  auto outputs = forward_outputs(q);
+  auto& [loss, lse, out, rank] = outputs;
+  const int64_t B = p.B, d = p.d, nsplit = p.nsplit;
+  if (B == 0) return outputs;
   // workspace: O (nsplit*B*d) + m, l, count (nsplit*B each) + pos (B), all 4-byte words
-  at::Tensor ws = at::empty({nsplit * B * d + 3 * nsplit * B + B}, f32);
+  at::Tensor ws = at::empty({nsplit * B * d + 3 * nsplit * B + B}, q.options().dtype(at::kFloat));
   float* w = ws.data_ptr<float>();
   p.opart = w;
   p.mpart = p.opart + nsplit * B * d;
   p.lpart = p.mpart + nsplit * B;
   p.cpart = reinterpret_cast<int*>(p.lpart + nsplit * B);
   p.pos = reinterpret_cast<float*>(p.cpart + nsplit * B);
+  p.loss = loss.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
   p.out = out.data_ptr<float>();
   p.rank = rank.data_ptr<int64_t>();
   mf::infonce_forward_launch(p, c10::cuda::getCurrentCUDAStream(device.index()).stream());
-  return {lse, out, rank};
+  return outputs;
 }
 
 std::tuple<at::Tensor, at::Tensor> infonce_backward(const at::Tensor& grad_in, const at::Tensor& q_in,
@@ -223,7 +261,6 @@ void momentum_update_(at::TensorList targets, at::TensorList sources, double mom
   const int dt = dtype_code(targets[0], "targets", true);
   std::vector<mf::MomentumSeg> segs;
   segs.reserve(targets.size());
-  const int64_t per_block = mf::momentum_block_elems(dt);
   int64_t nblocks = 0;
   for (size_t i = 0; i < targets.size(); ++i) {
     const at::Tensor& t = targets[i];
@@ -239,7 +276,7 @@ void momentum_update_(at::TensorList targets, at::TensorList sources, double mom
                 "index ", i, ")");
     if (t.numel() == 0) continue;
     segs.push_back({t.data_ptr(), s.data_ptr(), t.numel(), nblocks});
-    nblocks += (t.numel() + per_block - 1) / per_block;
+    nblocks += mf::momentum_blocks(dt, t.data_ptr(), t.numel());
   }
   if (segs.empty()) return;
   const c10::cuda::CUDAGuard guard(device);
@@ -295,9 +332,12 @@ at::Tensor enqueue_(at::Tensor& queue, at::Tensor& ptr, at::Tensor& count, const
 }  // namespace
 
 TORCH_LIBRARY(moco_fast_C, m) {
+  // The plan (compute, num_splits, keys_per_split) comes from kernels/heuristics.py cuda_fwd_plan.
   m.def(
-      "infonce_forward(Tensor q, Tensor k, Tensor negatives, float scale, bool allow_tf32=False) "
-      "-> (Tensor, Tensor, Tensor)");
+      "infonce_forward(Tensor q, Tensor k, Tensor negatives, float scale, str compute, int num_splits, "
+      "int keys_per_split) -> (Tensor loss, Tensor lse, Tensor out, Tensor rank)");
+  // No tensor arguments: a catch-all kernel, callable on any machine (device < 0: no occupancy query).
+  m.def("infonce_forward_tile(str compute, int d, int device=-1) -> int[]", &infonce_forward_tile);
   m.def("infonce_backward(Tensor grad, Tensor q, Tensor k, Tensor lse, Tensor out, float scale) -> (Tensor, Tensor)");
   m.def("infonce_backward_negatives(Tensor grad, Tensor q, Tensor negatives, Tensor lse, float scale) -> Tensor");
   m.def("momentum_update_(Tensor(a!)[] targets, Tensor[] sources, float momentum) -> ()");
@@ -311,6 +351,9 @@ TORCH_LIBRARY_IMPL(moco_fast_C, CUDA, m) {
   m.impl("momentum_update_", &momentum_update_);
   m.impl("enqueue_", &enqueue_);
 }
+
+// The forward's shape, dtype and plan checks without a GPU (outputs: empty meta tensors of the right shapes).
+TORCH_LIBRARY_IMPL(moco_fast_C, Meta, m) { m.impl("infonce_forward", &infonce_forward_meta); }
 
 // `import moco_fast._C` loads the library (and so runs the registrations above); no Python functions.
 PyMODINIT_FUNC PyInit__C(void) {

@@ -15,8 +15,11 @@
 
 namespace mf {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+// The package's two numeric constants, named once for the C++ side (moco_fast/numerics.py for Python).
+constexpr double kLog2eD = 1.4426950408889634;  // log2(e): exp(x) == exp2(x * log2(e))
+constexpr double kLn2D = 0.6931471805599453;    // ln(2):   log(x) == log2(x) * ln(2)
+constexpr float kLog2e = static_cast<float>(kLog2eD);
+constexpr float kLn2 = static_cast<float>(kLn2D);
 
 // Element i of a buffer of dtype dt, as fp32.
 __device__ __forceinline__ float ld1(const void* base, int dt, int64_t i) {

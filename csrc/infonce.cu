@@ -8,7 +8,9 @@
 // The running max is rescaled lazily: O and l are only rescaled when a row's max grows by more than
 // kRescaleThreshold (log2 units), so p <= 2^8 and the O round trip through shared memory is rare.
 // Each block writes its partial (m, l, O, count) for its rows; the combine kernel merges the chunks with
-// the positive logit (m = t0, l = 1, O = k_i) and writes lse (natural log), out = O/l and rank.
+// the positive logit (m = t0, l = 1, O = k_i) and writes loss = lse - scale*q_i.k_i, lse (natural log),
+// out = O/l and rank. The chunking (nsplit, chunk) is the caller's plan (kernels/heuristics.py
+// cuda_fwd_plan), checked by bindings.cpp against fwd_tile().
 //
 // Backward: dq/dk are O(B*d) from (lse, out) (one warp per row); dn (negatives with grad, rare) recomputes
 // the probabilities column-parallel with FFMA (one block per 32 keys, loop over all rows, no atomics).
@@ -27,6 +29,9 @@ using namespace nvcuda;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Forward blocks per SM the registers are capped for (__launch_bounds__: 65536 / (2 * 256) = 128 per
+// thread); every tile's shared memory fits twice on sm_80 and sm_90 (tests/machine_code/test_cuda_sass.py).
+constexpr int kFwdMinCtas = 2;
 constexpr float kRescaleThreshold = 8.f;
 
 constexpr int align128(long x) { return static_cast<int>((x + 127) / 128 * 128); }
@@ -104,7 +109,10 @@ __device__ __forceinline__ void load_tile(T* dst, const void* src, int dt, int64
     return;
   }
   constexpr int kChunks = D / 8;  // 8-element chunks per row
-#pragma unroll 2
+  // Two converting loads in flight per thread; one at d = 256, whose 64 accumulator registers per
+  // thread leave no room for more under the 128-register cap (kFwdMinCtas).
+  constexpr int kUnroll = D >= 256 ? 1 : 2;
+#pragma unroll kUnroll
   for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
     const int r = idx / kChunks;
     const int c = (idx % kChunks) * 8;
@@ -349,10 +357,8 @@ template <int C, int D>
 using PolicyFor = std::conditional_t<C == kCompF32, FfmaPolicy<D>, WmmaPolicy<C, D>>;
 
 // One block: query rows [blockIdx.x*BM, +BM) x keys [blockIdx.y*chunk, +chunk) -> partial (m, l, O, count).
-// Two blocks per SM (<= 128 registers) except for d = 256, whose 64 accumulator registers per thread
-// would spill under that cap.
 template <int C, int D>
-__global__ void __launch_bounds__(kThreads, D == 256 ? 1 : 2) infonce_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kThreads, kFwdMinCtas) infonce_fwd_kernel(const FwdParams p) {
   using Cfg = FwdCfg<C, D>;
   using Pol = PolicyFor<C, D>;
   using T = typename Cfg::T;
@@ -478,7 +484,8 @@ __device__ __forceinline__ float block_reduce(float v, float* red) {
   return v;
 }
 
-// One block per row: merge the positive (m = t0, l = 1, O = k) with the nsplit partials.
+// One block per row: merge the positive (m = t0, l = 1, O = k) with the nsplit partials; write loss, lse,
+// out and rank of the row. K = 0 (nsplit = 0): M = t0, L = 1, so loss = 0 exactly and out = k.
 __global__ void __launch_bounds__(kCombineThreads) infonce_combine_kernel(const FwdParams p) {
   extern __shared__ float w_s[];  // nsplit chunk weights
   __shared__ float red[kCombineThreads / 32];
@@ -519,32 +526,47 @@ __global__ void __launch_bounds__(kCombineThreads) infonce_combine_kernel(const 
     p.out[row * d + c] = o * inv;
   }
   if (tid == 0) {
-    p.lse[row] = (M + log2f(L)) * kLn2;
+    const float log2_l = p.nsplit > 0 ? log2f(L) : 0.f;  // L = 1 exactly when there are no negatives
+    p.lse[row] = (M + log2_l) * kLn2;
+    // In log2 units relative to the max, so no cancellation of two large numbers (and NaN stays NaN).
+    p.loss[row] = (M - t0 + log2_l) * kLn2;
     p.rank[row] = static_cast<int64_t>(cnt_s);
   }
 }
 
-template <int C, int D>
-void launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  using Cfg = FwdCfg<C, D>;
-  auto kernel = infonce_fwd_kernel<C, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM));
-  const dim3 grid(static_cast<unsigned>((p.B + Cfg::BM - 1) / Cfg::BM), static_cast<unsigned>(p.nsplit));
-  kernel<<<grid, kThreads, Cfg::SMEM, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+// f(Int<C>{}, Int<D>{}) for the kernel instance serving (compute, d): D = d padded to 32/64/128/256.
+template <class F>
+void dispatch_fwd(int compute, int d, F&& f) {
+  auto by_d = [&](auto c) {
+    if (d <= 32) {
+      f(c, Int<32>{});
+    } else if (d <= 64) {
+      f(c, Int<64>{});
+    } else if (d <= 128) {
+      f(c, Int<128>{});
+    } else {
+      f(c, Int<256>{});
+    }
+  };
+  switch (compute) {
+    case kCompBF16:
+      return by_d(Int<kCompBF16>{});
+    case kCompF16:
+      return by_d(Int<kCompF16>{});
+    case kCompTF32:
+      return by_d(Int<kCompTF32>{});
+    default:
+      return by_d(Int<kCompF32>{});
+  }
 }
 
-template <int C>
-void launch_fwd_d(const FwdParams& p, cudaStream_t stream) {
-  if (p.d <= 32) {
-    launch_fwd<C, 32>(p, stream);
-  } else if (p.d <= 64) {
-    launch_fwd<C, 64>(p, stream);
-  } else if (p.d <= 128) {
-    launch_fwd<C, 128>(p, stream);
-  } else {
-    launch_fwd<C, 256>(p, stream);
-  }
+template <int C, int D>
+void allow_fwd_smem() {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(infonce_fwd_kernel<C, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      FwdCfg<C, D>::SMEM));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -674,34 +696,42 @@ void launch_dn(const DnParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-void fwd_tile_shape(int compute, int d, int* bm, int* bn) {
-  const bool f32 = compute == kCompTF32 || compute == kCompF32;
-  *bm = (f32 && d > 128) ? 32 : 64;
-  *bn = (f32 || d > 128) ? 32 : 64;
+FwdTile fwd_tile(int compute, int d) {
+  FwdTile t{};
+  dispatch_fwd(compute, d, [&](auto c, auto dd) {
+    using Cfg = FwdCfg<decltype(c)::value, decltype(dd)::value>;
+    t = FwdTile{Cfg::BM, Cfg::BN, kThreads, Cfg::SMEM};
+  });
+  return t;
 }
 
-void infonce_forward_launch(const FwdParams& p, cudaStream_t stream) {
-  if (p.B == 0) return;
+int fwd_ctas_per_sm(int compute, int d) {
+  int n = 0;
+  dispatch_fwd(compute, d, [&](auto c, auto dd) {
+    constexpr int C = decltype(c)::value, D = decltype(dd)::value;
+    allow_fwd_smem<C, D>();
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, infonce_fwd_kernel<C, D>, kThreads, FwdCfg<C, D>::SMEM));
+  });
+  return n;
+}
+
+void infonce_forward_launch(const FwdParams& params, cudaStream_t stream) {
+  if (params.B == 0) return;
+  FwdParams p = params;
+  p.scale_log2 = static_cast<float>(params.scale * kLog2eD);
   if (p.nsplit > 0) {
-    switch (p.compute) {
-      case kCompBF16:
-        launch_fwd_d<kCompBF16>(p, stream);
-        break;
-      case kCompF16:
-        launch_fwd_d<kCompF16>(p, stream);
-        break;
-      case kCompTF32:
-        launch_fwd_d<kCompTF32>(p, stream);
-        break;
-      default:
-        launch_fwd_d<kCompF32>(p, stream);
-    }
+    dispatch_fwd(p.compute, p.d, [&](auto c, auto dd) {
+      constexpr int C = decltype(c)::value, D = decltype(dd)::value;
+      using Cfg = FwdCfg<C, D>;
+      allow_fwd_smem<C, D>();
+      const dim3 grid(static_cast<unsigned>((p.B + Cfg::BM - 1) / Cfg::BM), static_cast<unsigned>(p.nsplit));
+      infonce_fwd_kernel<C, D><<<grid, kThreads, Cfg::SMEM, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
+  static_assert(kMaxSplits * sizeof(float) <= 48 * 1024, "the combine's chunk weights fit the default shared memory");
   const size_t smem = static_cast<size_t>(p.nsplit) * sizeof(float);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(infonce_combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
   infonce_combine_kernel<<<static_cast<unsigned>(p.B), kCombineThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

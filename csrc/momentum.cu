@@ -1,8 +1,16 @@
-// Momentum update t <- t*m + s*(1-m) over a whole list of tensors in one launch.
+// Momentum update t <- t + (1-m)*(s - t) (a lerp) over a whole list of tensors in one launch.
 //
+// Math in fp32 (fp64 for fp64 tensors): one fused multiply-add, fma(1-m, s - t, t), then one rounding to
+// the storage dtype. (s - t is exact whenever s and t are within a factor of two, as EMA weights are.)
+//
+// Each pair is cut into 16-byte slots counted from the 16-byte boundary at or below its target's first
+// element, so a pair at any offset keeps its vector loads: a slot wholly inside the pair, with the source
+// at the same offset within 16 bytes, moves as one 16-byte load/store; the (at most two) partial slots at
+// the ends, and every slot of a pair whose source sits at another offset, are masked element by element.
 // The grid is the concatenation of every pair's blocks; block b finds its pair by binary search over the
-// device table (sorted block0), then handles kItems 16-byte vectors per thread of that pair (scalar when a
-// pointer is not 16-byte aligned, scalar tail). Math in fp32 (fp64 for fp64 tensors).
+// device table (sorted block0), then handles kItems slots per thread of that pair.
+#include <type_traits>
+
 #include <c10/cuda/CUDAException.h>
 
 #include "common.cuh"
@@ -11,7 +19,8 @@ namespace mf {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kItems = 4;  // 16-byte vectors per thread
+constexpr int kItems = 4;                              // 16-byte slots per thread
+constexpr int64_t kSlotsPerBlock = kThreads * kItems;  // slots per block
 
 template <typename T>
 struct Math {
@@ -44,65 +53,88 @@ struct Math<__nv_bfloat16> {
   __device__ static __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
 };
 
+// Elements before p within its 16-byte chunk.
 template <typename T>
-constexpr int64_t block_elems() {
-  return static_cast<int64_t>(kThreads) * kItems * (16 / sizeof(T));
+__host__ __device__ __forceinline__ int64_t lead(const void* p) {
+  return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 15) / static_cast<int64_t>(sizeof(T));
 }
 
 template <typename T>
-__device__ __forceinline__ T lerp1(T t, T s, typename Math<T>::F m, typename Math<T>::F om) {
-  return Math<T>::from(Math<T>::to(t) * m + Math<T>::to(s) * om);
+__host__ __device__ __forceinline__ int64_t pair_blocks(const void* t, int64_t n) {
+  constexpr int64_t V = 16 / sizeof(T);
+  const int64_t slots = (lead<T>(t) + n + V - 1) / V;
+  return (slots + kSlotsPerBlock - 1) / kSlotsPerBlock;
 }
 
-// Elements [chunk*E, min(n, (chunk+1)*E)) of one pair.
 template <typename T>
-__device__ __forceinline__ void process(T* t, const T* s, int64_t n, int64_t chunk, typename Math<T>::F m,
-                                        typename Math<T>::F om) {
-  constexpr int V = 16 / sizeof(T);  // elements per vector
-  const int64_t begin = chunk * block_elems<T>();
-  const int64_t end = min(n, begin + block_elems<T>());
-  const bool aligned = ((reinterpret_cast<uintptr_t>(t) | reinterpret_cast<uintptr_t>(s)) & 15) == 0;
-  int64_t scalar_from = begin;
-  if (aligned) {
-    const int64_t nvec = (end - begin) / V;
-    uint4* tv = reinterpret_cast<uint4*>(t + begin);
-    const uint4* sv = reinterpret_cast<const uint4*>(s + begin);
-    uint4 a[kItems], b[kItems];
-    // all loads first (t and s may alias: each element is read and written by the same thread)
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t v = threadIdx.x + static_cast<int64_t>(i) * kThreads;
-      a[i] = b[i] = make_uint4(0u, 0u, 0u, 0u);
-      if (v < nvec) {
-        a[i] = tv[v];
-        b[i] = __ldg(sv + v);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t v = threadIdx.x + static_cast<int64_t>(i) * kThreads;
-      if (v < nvec) {
-        T* ta = reinterpret_cast<T*>(&a[i]);
-        const T* sb = reinterpret_cast<const T*>(&b[i]);
-#pragma unroll
-        for (int e = 0; e < V; ++e) ta[e] = lerp1(ta[e], sb[e], m, om);
-        tv[v] = a[i];
-      }
-    }
-    scalar_from = begin + nvec * V;
+__device__ __forceinline__ T lerp1(T t, T s, typename Math<T>::F om) {
+  using F = typename Math<T>::F;
+  const F tf = Math<T>::to(t), sf = Math<T>::to(s);
+  if constexpr (std::is_same_v<F, double>) {
+    return Math<T>::from(fma(om, sf - tf, tf));
+  } else {
+    return Math<T>::from(fmaf(om, sf - tf, tf));
   }
-  for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) t[i] = lerp1(t[i], s[i], m, om);
+}
+
+// Slots [chunk*kSlotsPerBlock, +kSlotsPerBlock) of one pair of n elements.
+template <typename T>
+__device__ __forceinline__ void process(T* t, const T* s, int64_t n, int64_t chunk, typename Math<T>::F om) {
+  constexpr int V = 16 / sizeof(T);  // elements per slot
+  const int64_t off = lead<T>(t);    // slot v holds elements v*V - off .. v*V - off + V - 1
+  const bool same = lead<T>(s) == off;
+  T* tb = t - off;  // 16-byte aligned
+  const T* sb = s - off;
+  uint4 a[kItems], b[kItems];
+  // all loads first (t and s may alias: each element is read and written by the same thread)
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int64_t v = chunk * kSlotsPerBlock + threadIdx.x + static_cast<int64_t>(i) * kThreads;
+    const int64_t e0 = v * V - off;  // element index of the slot's first lane
+    a[i] = b[i] = make_uint4(0u, 0u, 0u, 0u);
+    if (same && e0 >= 0 && e0 + V <= n) {
+      a[i] = reinterpret_cast<const uint4*>(tb)[v];
+      b[i] = __ldg(reinterpret_cast<const uint4*>(sb) + v);
+    } else {
+      T* ta = reinterpret_cast<T*>(&a[i]);
+      T* sa = reinterpret_cast<T*>(&b[i]);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (e0 + e >= 0 && e0 + e < n) {
+          ta[e] = t[e0 + e];
+          sa[e] = s[e0 + e];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int64_t v = chunk * kSlotsPerBlock + threadIdx.x + static_cast<int64_t>(i) * kThreads;
+    const int64_t e0 = v * V - off;
+    T* ta = reinterpret_cast<T*>(&a[i]);
+    const T* sa = reinterpret_cast<const T*>(&b[i]);
+    if (same && e0 >= 0 && e0 + V <= n) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) ta[e] = lerp1(ta[e], sa[e], om);
+      reinterpret_cast<uint4*>(tb)[v] = a[i];
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (e0 + e >= 0 && e0 + e < n) t[e0 + e] = lerp1(ta[e], sa[e], om);
+      }
+    }
+  }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    momentum_flat_kernel(T* t, const T* s, int64_t n, typename Math<T>::F m, typename Math<T>::F om) {
-  process<T>(t, s, n, blockIdx.x, m, om);
+    momentum_flat_kernel(T* t, const T* s, int64_t n, typename Math<T>::F om) {
+  process<T>(t, s, n, blockIdx.x, om);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    momentum_table_kernel(const MomentumSeg* table, int nseg, typename Math<T>::F m, typename Math<T>::F om) {
+    momentum_table_kernel(const MomentumSeg* table, int nseg, typename Math<T>::F om) {
   const int64_t b = blockIdx.x;
   int lo = 0, hi = nseg - 1;  // last segment with block0 <= b
   while (lo < hi) {
@@ -114,16 +146,16 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   const MomentumSeg seg = table[lo];
-  process<T>(static_cast<T*>(seg.t), static_cast<const T*>(seg.s), seg.n, b - seg.block0, m, om);
+  process<T>(static_cast<T*>(seg.t), static_cast<const T*>(seg.s), seg.n, b - seg.block0, om);
 }
 
 template <typename T>
 void flat(void* t, const void* s, int64_t n, double m, cudaStream_t stream) {
   using F = typename Math<T>::F;
-  const int64_t blocks = (n + block_elems<T>() - 1) / block_elems<T>();
-  if (blocks == 0) return;
+  const int64_t blocks = pair_blocks<T>(t, n);
+  if (n == 0) return;
   momentum_flat_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<T*>(t), static_cast<const T*>(s), n, static_cast<F>(m), static_cast<F>(1.0 - m));
+      static_cast<T*>(t), static_cast<const T*>(s), n, static_cast<F>(1.0 - m));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -131,22 +163,23 @@ template <typename T>
 void table(const MomentumSeg* tab, int nseg, int64_t nblocks, double m, cudaStream_t stream) {
   using F = typename Math<T>::F;
   if (nblocks == 0) return;
-  momentum_table_kernel<T><<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(
-      tab, nseg, static_cast<F>(m), static_cast<F>(1.0 - m));
+  momentum_table_kernel<T><<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(tab, nseg,
+                                                                                      static_cast<F>(1.0 - m));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-int64_t momentum_block_elems(int dt) {
+int64_t momentum_blocks(int dt, const void* t, int64_t n) {
+  if (n == 0) return 0;
   switch (dt) {
     case kF16:
     case kBF16:
-      return block_elems<__half>();
+      return pair_blocks<__half>(t, n);
     case kF64:
-      return block_elems<double>();
+      return pair_blocks<double>(t, n);
     default:
-      return block_elems<float>();
+      return pair_blocks<float>(t, n);
   }
 }
 

@@ -181,3 +181,90 @@ def all_fwd_keys() -> list[tuple[int, str, str, str]]:
         keys.append((d, "float32", "float32", "ieee"))
         keys.append((d, "float32", "bfloat16", "tf32"))
     return keys
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA extension's InfoNCE forward plan (csrc/infonce.cu). The extension re-derives nothing:
+# moco_fast.cuda_ext computes this plan and passes it to torch.ops.moco_fast_C.infonce_forward,
+# whose C++ checks it against the kernel's tile before launching.
+# ----------------------------------------------------------------------------------------------
+
+CUDA_COMPUTES = ("bfloat16", "float16", "tf32", "ieee")  # the kernel's compute types (csrc mf::Compute order)
+
+
+def cuda_fwd_compute(q_dtype: str, n_dtype: str, precision: str) -> str:
+    """What the CUDA forward feeds its dots with, one of CUDA_COMPUTES.
+
+    q and negatives of one half type -> that type's tensor cores; any other mix (some operand fp32,
+    or bf16 with fp16) -> fp32 operands (exact for 16-bit inputs) on TF32 tensor cores or IEEE FFMA,
+    as ``precision`` ("tf32" | "ieee", moco_fast.numerics.fp32_matmul_precision()) says.
+    """
+    dot = dot_dtype_name(q_dtype, n_dtype)
+    if dot in HALF:
+        return dot
+    if precision not in ("tf32", "ieee"):
+        raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
+    return precision
+
+
+@dataclass(frozen=True)
+class CudaFwdTile:
+    """Facts of one compiled forward kernel, from torch.ops.moco_fast_C.infonce_forward_tile."""
+
+    block_m: int  # query rows per block
+    block_n: int  # keys per tile; a split's key count is a multiple of it
+    ctas_per_sm: int  # resident blocks per SM on the device (0 = unknown, counted as 1)
+    max_splits: int  # most key splits the combine kernel takes
+
+
+@dataclass(frozen=True)
+class CudaFwdPlan:
+    """Launch plan of the CUDA forward: grid = (cdiv(B, block_m), num_splits) blocks."""
+
+    compute: str  # one of CUDA_COMPUTES
+    block_m: int
+    block_n: int
+    num_splits: int  # key chunks (0 when K == 0: the combine kernel alone finalizes)
+    keys_per_split: int  # a multiple of block_n; every split holds at least one key (0 when K == 0)
+
+
+CUDA_SPLIT_OVERHEAD_TILES = 3  # a block's fixed cost in key tiles: prologue, partial (m, l, O) write, its combine read
+
+
+def cuda_num_splits(row_tiles: int, key_tiles: int, slots: int, max_splits: int, min_tiles: int = 4) -> int:
+    """Key splits of the CUDA forward: the s minimizing waves(s) * (tiles per split + overhead).
+
+    waves(s) = cdiv(row_tiles * s, slots), slots = resident blocks on the whole GPU. The overhead
+    (CUDA_SPLIT_OVERHEAD_TILES) makes every extra split pay for its partials, so a single wave is
+    kept whenever it is as fast, and more waves are taken only when they keep more slots busy
+    (e.g. 141 row tiles on 264 slots). Ties go to fewer splits. Each split keeps >= min_tiles tiles.
+    """
+    if key_tiles <= 0:
+        return 0
+    top = max(1, min(key_tiles // max(1, min_tiles), max_splits))
+    best, best_cost = 1, math.inf
+    for s in range(1, top + 1):
+        cost = cdiv(row_tiles * s, slots) * (cdiv(key_tiles, s) + CUDA_SPLIT_OVERHEAD_TILES)
+        if cost < best_cost:
+            best, best_cost = s, cost
+    return cdiv(key_tiles, cdiv(key_tiles, best))  # trimmed: no empty split
+
+
+def cuda_fwd_plan(
+    B: int, K: int, d: int, q_dtype: str, n_dtype: str, precision: str, num_sms: int, tile
+) -> CudaFwdPlan:
+    """The CUDA forward's plan for q (B, d) of q_dtype against K negatives (K, d) of n_dtype.
+
+    ``precision``: "tf32" | "ieee" (moco_fast.numerics.fp32_matmul_precision()); ``num_sms``: the
+    device's SM count; ``tile(compute, d) -> CudaFwdTile``: the kernel's facts (moco_fast.cuda_ext
+    asks the extension once per (compute, d, device)). Splits from cuda_num_splits over
+    ctas_per_sm * num_sms slots. Pure function of its arguments; callers cache it per problem shape.
+    """
+    compute = cuda_fwd_compute(q_dtype, n_dtype, precision)
+    t = tile(compute, d)
+    if K <= 0:
+        return CudaFwdPlan(compute, t.block_m, t.block_n, 0, 0)
+    slots = max(1, t.ctas_per_sm) * max(1, num_sms)
+    key_tiles = cdiv(K, t.block_n)
+    splits = cuda_num_splits(cdiv(max(B, 1), t.block_m), key_tiles, slots, t.max_splits)
+    return CudaFwdPlan(compute, t.block_m, t.block_n, splits, cdiv(key_tiles, splits) * t.block_n)

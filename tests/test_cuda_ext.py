@@ -1,15 +1,15 @@
 """The "cuda" backend: moco_fast._C built from csrc/ and its wrappers in moco_fast.cuda_ext.
 
-Three layers:
+Layers (the SASS of the built library is checked in tests/machine_code/test_cuda_sass.py):
 
-* CPU, CI: the extension built by ``pip install -e .`` imports, registers a CUDA kernel for every op,
-  and its SASS (read with cuobjdump, which triton's package ships) has sm_80 and sm_90 code, tensor-core
-  instructions in the InfoNCE forward, and no local-memory spills anywhere. Skipped with a reason when the
-  extension was not built (MOCO_FAST_BUILD_CUDA=0, no toolkit); MOCO_FAST_EXPECT_CUDA_EXT=1 (or
-  MOCO_FAST_BUILD_CUDA=1) turns "not built" into a failure.
-* CPU: a PyTorch emulation of the kernels' algorithm (the tile/chunk plan of bindings.cpp, lazy rescaling,
-  rounding of the probabilities, the combine step) against float64 math, so the index and numerics design
-  is checked without a GPU.
+* CPU, CI: the extension built by ``pip install -e .`` imports and registers a CUDA kernel for every op
+  (and a Meta kernel that runs the forward's shape/dtype/plan checks without a GPU). Skipped with a
+  reason when the extension was not built (MOCO_FAST_BUILD_CUDA=0, no toolkit); MOCO_FAST_EXPECT_CUDA_EXT=1
+  (or MOCO_FAST_BUILD_CUDA=1) turns "not built" into a failure.
+* CPU: the Python side of the backend (the launch plan of kernels/heuristics.py, the fp32 precision read,
+  the argument checks) with the op replaced by a recorder; and a PyTorch emulation of the kernels'
+  algorithm (that plan, lazy rescaling, rounding of the probabilities, the combine step writing loss)
+  against float64 math, so the index and numerics design is checked without a GPU.
 * GPU (skipped without CUDA): every op against float64 math over the matrix of sizes and dtypes, with the
   CUDA caching allocator poisoned first so an output element the kernels fail to write shows up as NaN/-1.
 """
@@ -17,17 +17,15 @@ Three layers:
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import math
 import os
-import re
-import shutil
-import subprocess
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from moco_fast.kernels import heuristics as H
 
 from moco_fast import cuda_ext
 
@@ -38,6 +36,7 @@ EXPECT_BUILT = os.environ.get("MOCO_FAST_EXPECT_CUDA_EXT", "") == "1" or os.envi
 NOT_BUILT = "moco_fast._C was not built (MOCO_FAST_BUILD_CUDA=0, or no CUDA toolkit / CPU torch at install time)"
 needs_ext = pytest.mark.skipif(not BUILT, reason=NOT_BUILT)
 needs_gpu = pytest.mark.skipif(not (BUILT and torch.cuda.is_available()), reason="needs moco_fast._C and a CUDA GPU")
+NEW_PRECISION_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 OPS = ("infonce_forward", "infonce_backward", "infonce_backward_negatives", "momentum_update_", "enqueue_")
 
@@ -78,7 +77,7 @@ def test_op_has_cuda_kernel(op):
 
 
 @needs_ext
-def test_op_schemas_declare_mutation():
+def test_op_schemas():
     schema = {op: getattr(torch.ops.moco_fast_C, op).default._schema for op in OPS}
     mutable = {
         op: [a.name for a in s.arguments if a.alias_info is not None and a.alias_info.is_write]
@@ -87,186 +86,273 @@ def test_op_schemas_declare_mutation():
     assert mutable["momentum_update_"] == ["targets"]
     assert mutable["enqueue_"] == ["queue", "ptr", "count"]
     assert mutable["infonce_forward"] == mutable["infonce_backward"] == mutable["infonce_backward_negatives"] == []
-    assert [a.name for a in schema["infonce_forward"].arguments] == ["q", "k", "negatives", "scale", "allow_tf32"]
+    fwd = schema["infonce_forward"]
+    assert [a.name for a in fwd.arguments] == [
+        "q", "k", "negatives", "scale", "compute", "num_splits", "keys_per_split"
+    ]  # fmt: skip
+    assert [r.name for r in fwd.returns] == ["loss", "lse", "out", "rank"]
+    tile = torch.ops.moco_fast_C.infonce_forward_tile.default._schema
+    assert [a.name for a in tile.arguments] == ["compute", "d", "device"] and not tile.returns[0].name
 
 
 @needs_ext
 def test_cpu_tensors_are_rejected():
     q = torch.randn(4, 16)
     with pytest.raises(NotImplementedError):
-        torch.ops.moco_fast_C.infonce_forward(q, q, q, 1.0, False)
+        torch.ops.moco_fast_C.infonce_forward(q, q, q, 1.0, "ieee", 1, 32)
+
+
+@needs_ext
+def test_tile_query_agrees_with_the_python_side():
+    """The kernel facts the plan is made from: a tile for every compute type and d up to MAX_DIM (and a
+    ValueError beyond, so cuda_ext.MAX_DIM and csrc kMaxD agree), no occupancy without a device."""
+    tile = torch.ops.moco_fast_C.infonce_forward_tile
+    for compute in H.CUDA_COMPUTES:
+        for d in (1, 16, 33, 64, 100, 128, 200, cuda_ext.MAX_DIM):
+            bm, bn, threads, smem, ctas, max_splits = tile(compute, d)
+            assert bm in (32, 64) and bn in (32, 64) and threads == 256 and 0 < smem <= 99 * 1024
+            assert ctas == 0 and max_splits == 1024
+        for bad in (0, cuda_ext.MAX_DIM + 1):
+            with pytest.raises(ValueError, match="feature dimension d"):
+                tile(compute, bad)
+    with pytest.raises(ValueError, match="compute must be"):
+        tile("bf16", 128)
+
+
+def _meta(shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+@needs_ext
+def test_forward_checks_run_on_meta_tensors():
+    """The shapes of the outputs, and the plan accepted as given, without a GPU."""
+    bf = torch.bfloat16
+    q, n = _meta((7, 128), bf), _meta((1000, 128), bf)
+    loss, lse, out, rank = torch.ops.moco_fast_C.infonce_forward(q, q, n, 10.0, "bfloat16", 4, 256)
+    assert loss.shape == lse.shape == rank.shape == (7,) and out.shape == (7, 128)
+    assert loss.dtype == lse.dtype == out.dtype == torch.float32 and rank.dtype == torch.int64
+    torch.ops.moco_fast_C.infonce_forward(q, q, _meta((0, 128), bf), 10.0, "bfloat16", 0, 0)  # K = 0
+    torch.ops.moco_fast_C.infonce_forward(q, q, n, 10.0, "tf32", 1, 1024)  # fp32 operands from bf16: allowed
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "compute, qt, nt, splits, keys, match",
+    [
+        ("bfloat16", torch.bfloat16, torch.float32, 1, 1024, "needs q and negatives both bfloat16"),
+        ("float16", torch.float16, torch.bfloat16, 1, 1024, "needs q and negatives both float16"),
+        ("fp32", torch.float32, torch.float32, 1, 1024, "compute must be"),
+        ("ieee", torch.float32, torch.float32, 0, 0, "num_splits must be in"),
+        ("ieee", torch.float32, torch.float32, 1025, 32, "num_splits must be in"),
+        ("ieee", torch.float32, torch.float32, 2, 500, "multiple of the key tile 32"),
+        ("ieee", torch.float32, torch.float32, 1, 2048, "at most 1024"),
+        ("ieee", torch.float32, torch.float32, 2, 256, "must cover K = 1000"),  # keys 512.. left out
+        ("ieee", torch.float32, torch.float32, 5, 256, "no empty split"),  # split 4 starts at 1024
+    ],
+)
+def test_forward_rejects_bad_plans(compute, qt, nt, splits, keys, match):
+    q, n = _meta((7, 128), qt), _meta((1000, 128), nt)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.moco_fast_C.infonce_forward(q, q, n, 10.0, compute, splits, keys)
+
+
+@needs_ext
+def test_forward_rejects_bad_inputs_on_meta_tensors():
+    f = torch.float32
+    q = _meta((7, 64), f)
+    with pytest.raises(ValueError, match="K = 0 negatives"):
+        torch.ops.moco_fast_C.infonce_forward(q, q, _meta((0, 64), f), 1.0, "ieee", 1, 32)
+    with pytest.raises(TypeError, match="negatives must be float32, bfloat16 or float16"):
+        torch.ops.moco_fast_C.infonce_forward(q, q, _meta((9, 64), torch.float64), 1.0, "ieee", 1, 32)
+    with pytest.raises(ValueError, match="feature dimension d must be in"):
+        wide = _meta((7, 300), f)
+        torch.ops.moco_fast_C.infonce_forward(wide, wide, _meta((9, 300), f), 1.0, "ieee", 1, 32)
+    with pytest.raises(ValueError, match="k must have q's shape"):
+        torch.ops.moco_fast_C.infonce_forward(q, _meta((6, 64), f), _meta((9, 64), f), 1.0, "ieee", 1, 32)
+    with pytest.raises(ValueError, match="negatives must have d = 64"):
+        torch.ops.moco_fast_C.infonce_forward(q, q, _meta((9, 32), f), 1.0, "ieee", 1, 32)
 
 
 # ------------------------------------------------------------------------------------------------
-# SASS of the built library (CPU)
+# The Python side of the backend (CPU): plan, precision, argument checks
 # ------------------------------------------------------------------------------------------------
 
 
-def _cuobjdump() -> str | None:
-    candidates = []
-    spec = importlib.util.find_spec("triton")  # no import: triton's package ships cuobjdump
-    if spec is not None and spec.submodule_search_locations:
-        for root in spec.submodule_search_locations:
-            candidates.append(os.path.join(root, "backends", "nvidia", "bin", "cuobjdump"))
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(os.path.join(os.environ[var], "bin", "cuobjdump"))
-    candidates.append(shutil.which("cuobjdump") or "")
-    candidates.append("/usr/local/cuda/bin/cuobjdump")
-    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+@pytest.fixture
+def restore_precision():
+    """Both fp32 precision APIs back to their defaults afterwards (conftest's fixture reads the legacy getter)."""
+    yield
+    if NEW_PRECISION_API:
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+    torch.set_float32_matmul_precision("highest")
 
 
-def _library_path() -> str:
-    return importlib.util.find_spec("moco_fast._C").origin
+@pytest.fixture
+def recorded_forward(monkeypatch):
+    """cuda_ext.infonce_forward on CPU tensors with the op replaced by a recorder of its plan arguments,
+    132 SMs and the kernels' real tiles at 2 blocks per SM; the plan caches are emptied around the test."""
+    calls = []
 
+    def fake_forward(q, k, n, scale, *plan):
+        calls.append(plan)
+        B, d = q.shape
+        return torch.zeros(B), torch.zeros(B), torch.zeros(B, d), torch.zeros(B, dtype=torch.int64)
 
-def _run_cuobjdump(*args: str) -> str:
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (triton's package or a CUDA toolkit ships one)")
-    res = subprocess.run([tool, *args, _library_path()], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    return res.stdout
-
-
-@functools.cache
-def _sass_functions() -> dict[tuple[str, str], str]:
-    """{(arch, mangled function name): SASS text} of every kernel in the library."""
-    functions: dict[tuple[str, str], str] = {}
-    for section in re.split(r"\nFatbin elf code:", "\n" + _run_cuobjdump("-sass"))[1:]:
-        arch = re.search(r"arch = (sm_\d+)", section).group(1)
-        parts = re.split(r"\n\s*Function : (\S+)\n", section)
-        for name, body in zip(parts[1::2], parts[2::2], strict=True):
-            functions[(arch, name)] = body
-    return functions
-
-
-@functools.cache
-def _resource_usage() -> dict[tuple[str, str], dict[str, int]]:
-    usage: dict[tuple[str, str], dict[str, int]] = {}
-    arch = None
-    lines = _run_cuobjdump("-res-usage").splitlines()
-    for i, line in enumerate(lines):
-        m = re.match(r"arch = (sm_\d+)", line.strip())
-        if m:
-            arch = m.group(1)
-        m = re.match(r"\s*Function (\S+):", line)
-        if m and i + 1 < len(lines):
-            fields = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", lines[i + 1]))
-            usage[(arch, m.group(1))] = {k: int(v) for k, v in fields.items()}
-    return usage
-
-
-def _demangled_template_args(name: str) -> tuple[int, int] | None:
-    """(compute, D) of an infonce_fwd_kernel<C, D> mangled name."""
-    m = re.search(r"infonce_fwd_kernelILi(\d+)ELi(\d+)E", name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def _built_arches() -> set[str]:
-    return {arch for arch, _ in _sass_functions()}
-
-
-def _require_arch(arch: str) -> None:
-    """A build without a visible GPU (CI) must hold sm_80 and sm_90; a GPU build holds the GPU's arch."""
-    built = sorted(_built_arches())
-    if arch not in built:
-        if torch.cuda.is_available() or os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            pytest.skip(f"{arch} not built ({built}): built for the local GPU or TORCH_CUDA_ARCH_LIST")
-        pytest.fail(f"{arch} missing from a no-GPU build (setup.py defaults to 8.0;9.0+PTX): {built}")
+    real = torch.ops.moco_fast_C if BUILT else None
+    fake = types.SimpleNamespace(
+        infonce_forward=fake_forward,
+        infonce_forward_tile=lambda c, d, device=-1: [*real.infonce_forward_tile(c, d)[:4], 2, 1024],
+    )
+    for cached in ("_plan", "_tile", "_num_sms"):
+        getattr(cuda_ext, cached, None) and getattr(cuda_ext, cached).cache_clear()
+    monkeypatch.setattr(cuda_ext, "_ops", fake)
+    monkeypatch.setattr(cuda_ext, "_num_sms", lambda device: 132, raising=False)
+    yield calls
+    for cached in ("_plan", "_tile"):
+        getattr(cuda_ext, cached, None) and getattr(cuda_ext, cached).cache_clear()
 
 
 @needs_ext
-def test_sass_arches():
-    arches = _built_arches()
-    assert arches and all(int(a[3:]) >= 80 for a in arches), arches
-    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        assert {"sm_80", "sm_90"} <= arches, arches
-        ptx = _run_cuobjdump("--list-ptx")
-        assert "sm_90" in ptx, "PTX for later chips (TORCH_CUDA_ARCH_LIST 9.0+PTX) is missing: " + ptx
+@pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision API")
+@pytest.mark.parametrize("setting", ["tf32", "ieee"])
+def test_forward_reads_the_new_fp32_precision_api(restore_precision, recorded_forward, setting):
+    """torch >= 2.9: once the new API is set, torch.get_float32_matmul_precision() raises; the forward
+    used to call it on every call (a crash). The compute type must follow the new setting."""
+    torch.backends.cuda.matmul.fp32_precision = setting
+    q, n = torch.randn(5, 16), torch.randn(7, 16)
+    cuda_ext.infonce_forward(q, q, n, 2.0)
+    cuda_ext.infonce_forward(q.bfloat16(), q.bfloat16(), n.bfloat16(), 2.0)
+    cuda_ext.infonce_forward(q, q, n.bfloat16(), 2.0)
+    assert [c[0] for c in recorded_forward] == [setting, "bfloat16", setting]
 
 
 @needs_ext
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_sass_every_kernel_present(arch):
-    _require_arch(arch)
-    names = [name for a, name in _sass_functions() if a == arch]
-    joined = "\n".join(names)
-    for kernel in (
-        "infonce_combine_kernel",
-        "infonce_bwd_kernel",
-        "enqueue_kernel",
-        "momentum_table_kernel",
-        "momentum_flat_kernel",
-    ):
-        assert kernel in joined, f"{kernel} missing from {arch}"
-    fwd = {_demangled_template_args(n) for n in names if _demangled_template_args(n)}
-    assert fwd == {(c, d) for c in range(4) for d in (32, 64, 128, 256)}, sorted(fwd)
-    dn = set(re.findall(r"infonce_dn_kernelILi(\d+)E", joined))
-    assert dn == {"32", "64", "128", "256"}
+@pytest.mark.parametrize("legacy, compute", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_forward_reads_the_legacy_fp32_precision_api(restore_precision, recorded_forward, legacy, compute):
+    torch.set_float32_matmul_precision(legacy)
+    q = torch.randn(5, 16)
+    cuda_ext.infonce_forward(q, q.half(), torch.randn(7, 16).half(), 2.0)  # fp32 q with fp16 negatives
+    assert recorded_forward == [(compute, 1, 32)]
 
 
 @needs_ext
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_sass_tensor_cores_in_infonce_forward(arch):
-    """bf16 (0), fp16 (1) and TF32 (2) forwards run on tensor cores; the IEEE fp32 one (3) on FFMA."""
-    _require_arch(arch)
-    checked = 0
-    for (a, name), body in _sass_functions().items():
-        args = _demangled_template_args(name)
-        if a != arch or args is None:
-            continue
-        compute, d = args
-        mma = len(re.findall(r"\b(?:HMMA|HGMMA)\b", body))
-        if compute in (0, 1, 2):
-            assert mma > 0, f"no HMMA/HGMMA in {name} ({arch})"
-        else:
-            assert mma == 0 and len(re.findall(r"\bFFMA\b", body)) > 0, name
-        checked += 1
-    assert checked == 16
+def test_forward_passes_the_cached_plan(recorded_forward, monkeypatch):
+    """The op gets heuristics.cuda_fwd_plan's numbers; a repeated shape is a cache hit (no plan search)."""
+    q, n = torch.randn(256, 128).bfloat16(), torch.randn(65536, 128).bfloat16()
+    cuda_ext.infonce_forward(q, q, n, 1 / 0.07)
+    monkeypatch.setattr(H, "cuda_num_splits", lambda *a, **kw: pytest.fail("plan recomputed for a cached shape"))
+    cuda_ext.infonce_forward(q, q, n, 1 / 0.07)
+    assert recorded_forward == [("bfloat16", 64, 1024)] * 2
+    cuda_ext.infonce_forward(q, q, n[:0], 1 / 0.07)  # a new shape would search: K = 0 needs none
+    assert recorded_forward[-1] == ("bfloat16", 0, 0)
 
 
 @needs_ext
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_sass_no_local_memory(arch):
-    """No LDL/STL (register spills or local arrays) in any kernel, and resource usage agrees."""
-    _require_arch(arch)
-    functions = {name: body for (a, name), body in _sass_functions().items() if a == arch}
-    assert len(functions) >= 30
-    offenders = {name: sorted(set(re.findall(r"\b(LDL|STL)\b", body))) for name, body in functions.items()}
-    offenders = {k: v for k, v in offenders.items() if v}
-    assert not offenders, offenders
-    usage = {name: u for (a, name), u in _resource_usage().items() if a == arch}
-    assert set(usage) == set(functions)
-    heavy = {name: (u.get("STACK"), u.get("LOCAL")) for name, u in usage.items() if u.get("STACK") or u.get("LOCAL")}
-    assert not heavy, heavy
-    for name, u in usage.items():
-        if _demangled_template_args(name) and _demangled_template_args(name)[1] < 256:
-            assert u["REG"] <= 128, (name, u)  # two blocks of 256 threads per SM
+def test_unsupported_inputs_raise_instead_of_falling_back():
+    """d > MAX_DIM and fp64 used to go to the torch backend silently; now an error names the argument."""
+    assert cuda_ext.MAX_DIM == 256 and cuda_ext.DTYPES == (torch.float32, torch.bfloat16, torch.float16)
+    with pytest.raises(ValueError, match="must be CUDA tensors"):
+        cuda_ext.infonce_forward(torch.randn(3, 16), torch.randn(3, 16), torch.randn(5, 16), 2.0)
+    assert torch.float64 in cuda_ext.STATE_DTYPES
+    q, n = torch.randn(3, 300), torch.randn(5, 300)
+    with pytest.raises(ValueError, match=r"infonce_forward: the feature dimension d of q must be in \[1, 256\]"):
+        cuda_ext.infonce_forward(q, q, n, 2.0)
+    with pytest.raises(ValueError, match="infonce_backward_negatives: the feature dimension"):
+        cuda_ext.infonce_backward_negatives(torch.ones(3), q, n, torch.zeros(3), 2.0)
+    q64, n64 = torch.randn(3, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="infonce_forward: negatives must be float32, bfloat16 or float16"):
+        cuda_ext.infonce_forward(q64.float(), q64.float(), n64, 2.0)
+    with pytest.raises(TypeError, match="infonce_forward: q must be"):
+        cuda_ext.infonce_forward(q64, q64.float(), n64.float(), 2.0)
+    with pytest.raises(TypeError, match="infonce_backward: k must be"):
+        cuda_ext.infonce_backward(torch.ones(3), q64.float(), q64, torch.zeros(3), q64.float(), 2.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The launch plan (kernels/heuristics.py cuda_fwd_plan; CPU)
+# ------------------------------------------------------------------------------------------------
+
+
+def _real_tile(ctas: int = 2):
+    """heuristics' tile callback from the extension's tile query, with `ctas` resident blocks per SM."""
+    if not BUILT:
+        pytest.skip(NOT_BUILT)
+
+    def tile(compute, d):
+        bm, bn, _threads, _smem, _ctas, max_splits = torch.ops.moco_fast_C.infonce_forward_tile(compute, d)
+        return H.CudaFwdTile(bm, bn, ctas, max_splits)
+
+    return tile
+
+
+def _check_plan(plan, B, K, d, tile, sms):
+    """Every key in exactly one non-empty split of whole tiles; multi-wave only when it keeps more slots busy."""
+    t = tile(plan.compute, d)
+    if K == 0:
+        assert plan.num_splits == plan.keys_per_split == 0
+        return
+    assert 1 <= plan.num_splits <= t.max_splits and plan.keys_per_split % plan.block_n == 0
+    assert (plan.num_splits - 1) * plan.keys_per_split < K <= plan.num_splits * plan.keys_per_split
+    slots = t.ctas_per_sm * sms
+    row_tiles = -(-B // plan.block_m)
+    blocks = row_tiles * plan.num_splits
+    if blocks > slots:
+        waves = -(-blocks // slots)
+        one_wave = min(slots // row_tiles, -(-K // plan.block_n)) * row_tiles if row_tiles <= slots else 0
+        assert blocks / (waves * slots) > one_wave / slots, (B, K, plan, slots)
+
+
+@pytest.mark.parametrize("sms", [132, 108])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("B", [1, 256, 4096])
+def test_plan_fills_one_wave(B, dtype, sms):
+    """K = 65536, d = 128: the H200 (132 SMs x 2 blocks) and A100 (108 x 2) cases. The old C++ rule gave
+    B = 4096 bf16 on 132 SMs 5 splits = 320 blocks for 264 slots (a second wave 21% full)."""
+    tile = _real_tile()
+    plan = H.cuda_fwd_plan(B, 65536, 128, dtype, dtype, "tf32", sms, tile)
+    assert plan.compute == ("bfloat16" if dtype == "bfloat16" else "tf32")
+    _check_plan(plan, B, 65536, 128, tile, sms)
+    blocks, slots = -(-B // plan.block_m) * plan.num_splits, 2 * sms
+    if sms == 132:
+        assert 0.9 * slots <= blocks <= slots, plan  # one wave, at least 90% of the slots busy
+    else:  # one wave, or waves whose last one is (nearly) full
+        assert blocks <= slots or (blocks % slots or slots) >= 0.9 * slots, plan
+
+
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("K", [0, 1, 31, 32, 33, 1000, 4099, 65536, 1 << 20])
+def test_plan_covers_every_key_once(compute_dtype, K):
+    for B in (1, 7, 64, 65, 256, 4096, 9000, 40000):
+        for sms, ctas in ((1, 1), (108, 2), (132, 2), (132, 1)):
+            for d in (16, 128, 256):
+                for precision in ("tf32", "ieee"):
+                    tile = _real_tile(ctas)
+                    plan = H.cuda_fwd_plan(B, K, d, compute_dtype, compute_dtype, precision, sms, tile)
+                    _check_plan(plan, B, K, d, tile, sms)
+
+
+def test_plan_compute_type():
+    assert H.cuda_fwd_compute("bfloat16", "bfloat16", "ieee") == "bfloat16"
+    assert H.cuda_fwd_compute("float16", "float16", "tf32") == "float16"
+    assert H.cuda_fwd_compute("float32", "bfloat16", "tf32") == "tf32"
+    assert H.cuda_fwd_compute("bfloat16", "float16", "ieee") == "ieee"
+    with pytest.raises(ValueError, match="precision"):
+        H.cuda_fwd_compute("float32", "float32", "highest")
+
+
+def test_split_count_is_one_wave_unless_more_waves_fill_the_slots():
+    assert H.cuda_num_splits(64, 1024, 264, 1024) == 4  # B = 4096 bf16 on an H200: 256 blocks, not 320
+    assert H.cuda_num_splits(141, 1024, 264, 1024) > 1  # 141 of 264 slots: more waves keep more busy
+    assert H.cuda_num_splits(300, 1024, 264, 1024) >= 1
+    assert H.cuda_num_splits(1, 3, 264, 1024) == 1  # fewer tiles than min_tiles: one split
+    assert H.cuda_num_splits(1, 0, 264, 1024) == 0
+    assert H.cuda_num_splits(1, 1 << 20, 264, 16) == 16  # the combine's limit
 
 
 # ------------------------------------------------------------------------------------------------
 # PyTorch emulation of the kernels' algorithm (CPU)
 # ------------------------------------------------------------------------------------------------
-
-COMPUTES = ("bf16", "f16", "tf32", "f32")  # csrc/moco_fast.h Compute, in order
-
-
-def _tile_shape(compute: str, d: int) -> tuple[int, int]:
-    """mf::fwd_tile_shape: (rows per block, keys per tile)."""
-    f32 = compute in ("tf32", "f32")
-    return (32 if f32 and d > 128 else 64), (32 if f32 or d > 128 else 64)
-
-
-def _plan(B: int, K: int, compute: str, d: int, sms: int) -> tuple[int, int]:
-    """bindings.cpp infonce_forward: (nsplit, chunk)."""
-    if K == 0:
-        return 0, 0
-    bm, bn = _tile_shape(compute, d)
-    row_tiles, key_tiles = -(-B // bm), -(-K // bn)
-    nsplit = min(max(1, -(-2 * sms // row_tiles)), key_tiles, 1024)
-    tiles_per_split = -(-key_tiles // nsplit)
-    return -(-key_tiles // tiles_per_split), tiles_per_split * bn
 
 
 def _round_tf32(x: torch.Tensor) -> torch.Tensor:
@@ -276,21 +362,23 @@ def _round_tf32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _round(x: torch.Tensor, compute: str) -> torch.Tensor:
-    if compute == "bf16":
+    if compute == "bfloat16":
         return x.to(torch.bfloat16).float()
-    if compute == "f16":
+    if compute == "float16":
         return x.to(torch.float16).float()
     if compute == "tf32":
         return _round_tf32(x)
     return x.float()
 
 
-def _emulate_forward(q, k, n, scale, compute, sms=132, threshold=8.0):
-    """The split kernel + combine kernel of csrc/infonce.cu, tile by tile, in fp32 PyTorch."""
+def _emulate_forward(q, k, n, scale, precision="ieee", sms=132, threshold=8.0):
+    """The split kernel + combine kernel of csrc/infonce.cu, tile by tile, in fp32 PyTorch, under the plan
+    cuda_ext would pass. Returns (loss, lse, out, rank, plan)."""
     B, d = q.shape
     K = n.shape[0]
-    _, bn = _tile_shape(compute, d)
-    nsplit, chunk = _plan(B, K, compute, d, sms)
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    plan = H.cuda_fwd_plan(B, K, d, name[q.dtype], name[n.dtype], precision, sms, _real_tile())
+    compute, bn, nsplit, chunk = plan.compute, plan.block_n, plan.num_splits, plan.keys_per_split
     scale_log2 = scale * LOG2E
     qc, nc = _round(q.float(), compute), _round(n.float(), compute)
     t0 = (q.float() * k.float()).sum(1) * scale_log2
@@ -317,8 +405,8 @@ def _emulate_forward(q, k, n, scale, compute, sms=132, threshold=8.0):
             lsum = lsum + p.sum(1)
             o = o + _round(p, compute) @ keys
         parts.append((m, lsum, o, cnt))
-    assert [c for c in covered] == [(s * chunk, min(K, (s + 1) * chunk)) for s in range(nsplit)]
     assert not covered or (covered[0][0] == 0 and covered[-1][1] == K)
+    # combine: M, L, out, rank; loss and lse in log2 units relative to M (log2 L = 0 when K = 0)
     big_m = t0.clone()
     for m, *_ in parts:
         big_m = torch.maximum(big_m, m)
@@ -327,7 +415,9 @@ def _emulate_forward(q, k, n, scale, compute, sms=132, threshold=8.0):
     for m, lsum, o, cnt in parts:
         w = torch.exp2(m - big_m)
         big_l, out, rank = big_l + lsum * w, out + w[:, None] * o, rank + cnt
-    return (big_m + torch.log2(big_l)) / LOG2E, out / big_l[:, None], rank
+    log2_l = torch.log2(big_l) if nsplit > 0 else torch.zeros(B)
+    loss = (big_m - t0 + log2_l) / LOG2E
+    return loss, (big_m + log2_l) / LOG2E, out / big_l[:, None], rank, plan
 
 
 def _reference(q, k, n, scale):
@@ -361,48 +451,87 @@ def _unit(*shape, dtype=torch.float32, device="cpu"):
     return F.normalize(torch.randn(*shape, device=device), dim=-1).to(dtype)
 
 
-@pytest.mark.parametrize("compute", COMPUTES)
+@needs_ext
+@pytest.mark.parametrize("dtype, precision", [("bf16", "ieee"), ("f16", "ieee"), ("f32", "tf32"), ("f32", "ieee")])
 @pytest.mark.parametrize("B,K,d", [(1, 1, 16), (7, 1000, 96), (37, 4099, 32), (70, 333, 256), (5, 0, 48)])
-def test_emulated_algorithm_matches_float64(compute, B, K, d):
-    dt = {"bf16": torch.bfloat16, "f16": torch.float16}.get(compute, torch.float32)
+def test_emulated_algorithm_matches_float64(dtype, precision, B, K, d):
+    dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
     q, k, n = _unit(B, d, dtype=dt), _unit(B, d, dtype=dt), _unit(K, d, dtype=dt)
     scale = 1 / 0.07
-    lse, out, rank = _emulate_forward(q, k, n, scale, compute, sms=8)
+    loss, lse, out, rank, plan = _emulate_forward(q, k, n, scale, precision, sms=8)
     ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
-    tol = {"bf16": 1e-2, "f16": 3e-3, "tf32": 2e-3, "f32": 1e-5}[compute]
+    compute = plan.compute
+    tol = {"bfloat16": 1e-2, "float16": 3e-3, "tf32": 2e-3, "ieee": 1e-5}[compute]
     assert _rel(lse, ref_lse) < (1e-3 if compute == "tf32" else 1e-5)  # TF32 rounds q and the keys
     assert _rel(out, ref_out) < tol
     _check_rank(rank, ref_rank, neg, pos, tie_tol=1e-2 if compute == "tf32" else 1e-4)
+    # loss in log2 units relative to the max: |error| relative to the row's logit scale, not to a small loss
+    assert (loss.double() - (ref_lse - pos)).abs().max() < (2e-3 if compute == "tf32" else 1e-4) * scale
+    if K == 0:
+        assert torch.equal(loss, torch.zeros(B)), "K = 0 must give loss 0 exactly"
 
 
-@pytest.mark.parametrize("compute", ["bf16", "f32"])
-def test_emulated_lazy_rescaling_with_wide_logits(compute):
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_emulated_lazy_rescaling_with_wide_logits(dtype):
     """Unnormalized keys in increasing magnitude force many rescales; the results stay exact-ish."""
     B, K, d = 9, 3000, 64
-    dt = torch.bfloat16 if compute == "bf16" else torch.float32
-    q = torch.randn(B, d).to(dt)
-    k = torch.randn(B, d).to(dt)
-    n = (torch.randn(K, d) * torch.linspace(0.1, 3.0, K)[:, None]).to(dt)
+    q = torch.randn(B, d).to(dtype)
+    k = torch.randn(B, d).to(dtype)
+    n = (torch.randn(K, d) * torch.linspace(0.1, 3.0, K)[:, None]).to(dtype)
     scale = 1 / 0.5
-    lse, out, rank = _emulate_forward(q, k, n, scale, compute, sms=2)
+    loss, lse, out, rank, _ = _emulate_forward(q, k, n, scale, "ieee", sms=2)
     ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
     assert _rel(lse, ref_lse) < 1e-5
-    assert _rel(out, ref_out) < (1e-2 if compute == "bf16" else 1e-5)
+    assert _rel(loss, ref_lse - pos) < 1e-5
+    assert _rel(out, ref_out) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
     _check_rank(rank, ref_rank, neg, pos, tie_tol=1e-3)
 
 
-@pytest.mark.parametrize("compute", COMPUTES)
-@pytest.mark.parametrize("K", [1, 31, 32, 33, 1000, 4099, 65536, 1 << 20])
-def test_split_plan_covers_every_key_once(compute, K):
-    for B in (1, 7, 64, 65, 256, 4096):
-        for sms in (1, 108, 132):
-            for d in (16, 128, 256):
-                bm, bn = _tile_shape(compute, d)
-                nsplit, chunk = _plan(B, K, compute, d, sms)
-                assert 1 <= nsplit <= 1024 and chunk % bn == 0
-                assert (nsplit - 1) * chunk < K <= nsplit * chunk  # no empty chunk, all keys covered
-                row_tiles = -(-B // bm)
-                assert nsplit * row_tiles <= 2 * sms + row_tiles  # about one wave of 2 blocks per SM
+# ------------------------------------------------------------------------------------------------
+# Emulation of the momentum kernels' slot mapping (CPU)
+# ------------------------------------------------------------------------------------------------
+
+_MOMENTUM_THREADS, _MOMENTUM_ITEMS = 256, 4  # csrc/momentum.cu kThreads, kItems
+
+
+def _momentum_slots(elem_bytes: int, t_offset: int, s_offset: int, n: int):
+    """csrc/momentum.cu process(): per element, how often it is touched and whether by a 16-byte access.
+
+    t_offset/s_offset: the pair's byte offsets from a 16-byte boundary. Returns (touches (n,), vector (n,),
+    blocks) for the grid pair_blocks() gives."""
+    V = 16 // elem_bytes
+    off = (t_offset % 16) // elem_bytes
+    same = (s_offset % 16) // elem_bytes == off
+    per_block = _MOMENTUM_THREADS * _MOMENTUM_ITEMS
+    blocks = H.cdiv(H.cdiv(off + n, V), per_block)
+    touches, vector = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.bool)
+    v = torch.arange(blocks * per_block)  # every (block, item, thread) slot of the grid
+    e0 = v * V - off
+    full = same & (e0 >= 0) & (e0 + V <= n)
+    for e in range(V):
+        idx = e0 + e
+        ok = (idx >= 0) & (idx < n)
+        touches.index_add_(0, idx[ok], torch.ones_like(idx[ok]))
+        vector[idx[ok & full]] = True
+    return touches, vector, blocks
+
+
+@pytest.mark.parametrize("elem_bytes", [2, 4, 8])
+@pytest.mark.parametrize("n", [1, 3, 7, 8, 9, 17, 1000, 4099, 8192, 8197])
+def test_emulated_momentum_masked_tail_keeps_vectors(elem_bytes, n):
+    """Every element exactly once, for any target offset; all but the two edge slots are 16-byte accesses
+    when the source has the target's offset (N % 16 != 0 no longer loses vectorization)."""
+    V = 16 // elem_bytes
+    for t_off in range(0, 16, elem_bytes):
+        for s_off in (t_off, (t_off + elem_bytes) % 16):
+            touches, vector, blocks = _momentum_slots(elem_bytes, t_off, s_off, n)
+            assert torch.equal(touches, torch.ones(n, dtype=torch.int64)), (t_off, s_off)
+            assert blocks <= H.cdiv(n + V, _MOMENTUM_THREADS * _MOMENTUM_ITEMS * V) + 1
+            if s_off == t_off:
+                assert (~vector).sum() <= 2 * (V - 1), "more than the two edge slots went element by element"
+            else:
+                assert not vector.any() or V == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,12 +596,18 @@ def _forward_case(B, K, d, name, temperature=0.07, inputs=None):
     scale = 1.0 / temperature
     _poison_allocator()
     with _matmul_precision(precision), _no_host_sync():
-        _, lse, out, rank = IMPL.infonce_forward(q, k, n, scale)
-    assert lse.shape == (B,) and out.shape == (B, d) and rank.shape == (B,)
-    assert lse.dtype == out.dtype == torch.float32 and rank.dtype == torch.int64
+        loss, lse, out, rank = IMPL.infonce_forward(q, k, n, scale)
+    assert loss.shape == lse.shape == rank.shape == (B,) and out.shape == (B, d)
+    assert loss.dtype == lse.dtype == out.dtype == torch.float32 and rank.dtype == torch.int64
     ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
     assert _rel(lse, ref_lse) < tol, name
     assert _rel(out, ref_out) < tol, name
+    # the loss from the kernel: error relative to the logit scale (the loss itself may be tiny); only TF32
+    # moves the logits (it rounds q and the keys), fp32 sums keep lse and the positive logit accurate otherwise
+    ltol = 2e-3 if precision == "high" else 1e-4
+    assert (loss.double() - (ref_lse - pos)).abs().max().item() < ltol * max(1.0, ref_lse.abs().max().item()), name
+    if K == 0:
+        assert torch.equal(loss, torch.zeros_like(loss)), "K = 0 must give loss 0 exactly"
     _check_rank(rank, ref_rank, neg, pos, tie_tol=tie * scale * max(1.0, q.float().norm(dim=1).max().item() ** 2))
     return lse, out, rank
 
@@ -535,8 +670,37 @@ def test_forward_nan_propagates():
 
 
 @needs_gpu
-def test_forward_large_d_falls_back():
-    _forward_case(7, 100, 300, "fp32")
+def test_forward_large_d_and_fp64_raise():
+    """No hand-off to the torch backend: the selection layer must not send these here."""
+    q, n = _unit(7, 300, device=DEVICE), _unit(100, 300, device=DEVICE)
+    with pytest.raises(ValueError, match="feature dimension d"):
+        IMPL.infonce_forward(q, q, n, 10.0)
+    with pytest.raises(TypeError, match="q must be float32"):
+        IMPL.infonce_forward(q[:, :64].double(), q[:, :64], n[:, :64], 10.0)
+
+
+@needs_gpu
+def test_forward_rejects_bad_plans_on_the_gpu():
+    """The CUDA kernel runs the same plan checks as the Meta kernel, before anything is launched."""
+    q, n = _unit(7, 128, device=DEVICE), _unit(1000, 128, device=DEVICE)
+    with pytest.raises(ValueError, match="no empty split"):
+        torch.ops.moco_fast_C.infonce_forward(q, q, n, 10.0, "ieee", 5, 256)
+    with pytest.raises(ValueError, match="needs q and negatives both bfloat16"):
+        torch.ops.moco_fast_C.infonce_forward(q, q, n, 10.0, "bfloat16", 1, 1024)
+
+
+@needs_gpu
+def test_tile_query_reports_occupancy_on_the_device():
+    """Resident forward blocks per SM from cudaOccupancyMaxActiveBlocksPerMultiprocessor: 2 on sm_90 for
+    every variant (as tests/machine_code/test_cuda_sass.py derives from the SASS)."""
+    dev = torch.cuda.current_device()
+    major = torch.cuda.get_device_capability(dev)[0]
+    for compute in H.CUDA_COMPUTES:
+        for d in (32, 64, 128, 256):
+            ctas = torch.ops.moco_fast_C.infonce_forward_tile(compute, d, dev)[4]
+            assert ctas >= 1
+            if major == 9:
+                assert ctas == 2, (compute, d, ctas)
 
 
 @needs_gpu
@@ -683,9 +847,9 @@ def test_enqueue_large_batch_and_sequence():
 
 
 def _expected_momentum(t, s, m):
-    if t.dtype == torch.float64:
-        return t * m + s * (1 - m)
-    return (t.float() * m + s.float() * (1 - m)).to(t.dtype)
+    """The contract's lerp t + (1 - m)(s - t), computed in float64 and rounded once to the storage dtype."""
+    t64, s64 = t.double(), s.double()
+    return (t64 + (1 - m) * (s64 - t64)).to(t.dtype)
 
 
 _MOMENTUM_TOL = {torch.float32: 2e-7, torch.float64: 1e-12, torch.bfloat16: 8e-3, torch.float16: 1e-3}
@@ -733,6 +897,30 @@ def test_momentum_flat_buffer(dtype):
     with _no_host_sync():
         IMPL.momentum_update_([t], [s], 0.999)
     tol = _MOMENTUM_TOL[dtype]
+    torch.testing.assert_close(t, expect, rtol=tol, atol=tol)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("t_off, s_off", [(0, 0), (1, 1), (3, 3), (1, 2), (2, 0)])
+@pytest.mark.parametrize("n", [1, 5, 17, 1031, 70001])
+def test_momentum_any_offset_and_length(dtype, t_off, s_off, n):
+    """Targets/sources at every element offset within 16 bytes, same or different, lengths N % 16 != 0:
+    the masked edge slots write exactly the pair's elements."""
+    buf_t = torch.randn(n + 64, device=DEVICE).to(dtype)
+    buf_s = torch.randn(n + 64, device=DEVICE).to(dtype)
+    before = buf_t.clone()
+    t, s = buf_t[t_off : t_off + n], buf_s[s_off : s_off + n]
+    expect = _expected_momentum(t, s, 0.99)
+    IMPL.momentum_update_([t], [s], 0.99)
+    tol = _MOMENTUM_TOL[dtype]
+    torch.testing.assert_close(t, expect, rtol=tol, atol=tol)
+    outside = torch.ones(n + 64, dtype=torch.bool, device=DEVICE)
+    outside[t_off : t_off + n] = False
+    assert torch.equal(buf_t[outside], before[outside])
+    # the same pair through the table kernel (two pairs: one launch with a device table)
+    buf_t.copy_(before)
+    IMPL.momentum_update_([t, buf_t[-3:]], [s, buf_s[-3:]], 0.99)
     torch.testing.assert_close(t, expect, rtol=tol, atol=tol)
 
 
