@@ -18,10 +18,14 @@ Differences from the official module (all deliberate):
   code); in a single process ``bn_splits > 1`` emulates it — the key batch is randomly permuted,
   encoded in ``bn_splits`` chunks (each with its own BatchNorm statistics, like ``bn_splits`` GPUs)
   and un-permuted. With ``bn_splits=1`` and one process the key encoder sees the whole batch.
+* ``with model.accumulate():`` runs one optimizer step as several micro-batches that give exactly the
+  loss, gradients, key encoder and queue of one large batch (the official code does not: it updates and
+  enqueues at every forward).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -91,6 +95,7 @@ class MoCo(nn.Module):
             total_steps=total_steps,
             backend=backend,
         )
+        self._updates_left = -1  # momentum updates still allowed in this step (-1: every forward, no limit)
         self.head = MoCoHead(
             dim,
             K,
@@ -147,8 +152,10 @@ class MoCo(nn.Module):
         ``(logits, labels)`` pair. In training mode the key encoder is momentum-updated first and the
         keys are enqueued after the loss is computed (the official order).
         """
-        if self.training:
+        if self.training and self._updates_left != 0:
             self._momentum_update_key_encoder()
+            if self._updates_left > 0:
+                self._updates_left -= 1
         if self.head.symmetric:
             q1, q2 = self.encoder_q(im_q), self.encoder_q(im_k)
             k1, k2 = self.encode_keys(im_q), self.encode_keys(im_k)
@@ -156,6 +163,18 @@ class MoCo(nn.Module):
         q = self.encoder_q(im_q)
         k = self.encode_keys(im_k)
         return self.head(q, k, return_stats=True)
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """One optimizer step of micro-batches, exactly as one large batch: the key encoder moves once (at
+        the first forward inside), every forward sees the same queue, and all keys are enqueued at the end
+        (see :meth:`MoCoHead.accumulate`). Divide each micro-batch's loss by their number."""
+        with self.head.accumulate():
+            self._updates_left = 1
+            try:
+                yield self
+            finally:
+                self._updates_left = -1
 
     def extra_repr(self) -> str:
         return f"K={self.K}, m={self.m}, T={self.T}, bn_splits={self.bn_splits}"

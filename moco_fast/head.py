@@ -8,9 +8,18 @@ zero labels and _dequeue_and_enqueue by one call::
 The head L2-normalizes q and k, computes InfoNCE of q against [k; queue] with the queue as it was
 before this batch, and then (in training mode) enqueues k. acc@1 / acc@5 come from the positive's
 rank, so no logits are needed: ``head.last_stats`` or ``head(q, k, return_stats=True)``.
+
+Gradient accumulation, exactly. The official code enqueues the keys of every forward, so N
+micro-batches of one optimizer step see different queues and do not add up to one large batch.
+Inside ``with head.accumulate():`` every forward contrasts against the queue as it was when the
+block began, and the keys of all micro-batches are enqueued once when it ends, in the large batch's
+order — so N micro-batches (each loss divided by N) give the loss, gradients and queue of one batch
+N times larger. An exception inside the block enqueues nothing.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +78,8 @@ class MoCoHead(nn.Module):
             backend=backend,
         )
         self.last_stats: InfoNCEStats | None = None
+        # Inside accumulate(): the keys waiting to be enqueued, one list per key slot (k; or k1, k2).
+        self._pending: list[list[Tensor]] | None = None
 
     @property
     def dim(self) -> int:
@@ -107,15 +118,43 @@ class MoCoHead(nn.Module):
             loss21, s21 = self._pair(q2, k1, negatives)
             loss = 0.5 * (loss12 + loss21)
             stats = stats_from_rank(torch.cat([s12.rank, s21.rank]), torch.cat([s12.lse, s21.lse]))
-            new_keys = torch.cat([k1, k2]).detach()
+            new_keys = [k1.detach(), k2.detach()]
         else:
             q, k = normed
             loss, stats = self._pair(q, k, negatives)
-            new_keys = k.detach()
+            new_keys = [k.detach()]
         if self.training:
-            self.queue.enqueue(new_keys)
+            if self._pending is None:
+                self.queue.enqueue(torch.cat(new_keys) if len(new_keys) > 1 else new_keys[0])
+            else:
+                self._defer(new_keys)
         self.last_stats = stats
         return (loss, stats) if return_stats else loss
+
+    def _defer(self, new_keys: list[Tensor]) -> None:
+        waiting = sum(k.shape[0] for slot in self._pending for k in slot) + sum(k.shape[0] for k in new_keys)
+        if waiting > self.queue.size:
+            raise ValueError(
+                f"accumulate(): {waiting} keys of this step would not fit the queue of size {self.queue.size}"
+            )
+        for slot, k in zip(self._pending, new_keys):
+            slot.append(k)
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """One optimizer step of micro-batches: every forward inside sees the queue as it was at the start,
+        and all their keys are enqueued once at the end (k1 of every micro-batch, then k2, when symmetric),
+        exactly as one large batch would. Nothing is enqueued if the block raises."""
+        if self._pending is not None:
+            raise RuntimeError("MoCoHead.accumulate() blocks do not nest")
+        self._pending = [[] for _ in range(2 if self.symmetric else 1)]
+        try:
+            yield self
+            pending = [k for slot in self._pending for k in slot]
+        finally:
+            self._pending = None
+        if pending:
+            self.queue.enqueue(torch.cat(pending))
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, symmetric={self.symmetric}, backend={self.backend!r}"
