@@ -80,6 +80,24 @@ def atomic_write_text(text: str, path: str) -> None:
         raise
 
 
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Delete the temporary files a killed writer of ``path`` left beside it; returns their names.
+
+    Only ``<name>.*.tmp`` files from :func:`atomic_save` / :func:`atomic_write_text` are removed. Call it
+    before this process writes ``path`` (a concurrent writer of the same folder is not supported).
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return []
+    stale = [f for f in os.listdir(folder) if f.startswith(name + ".") and f.endswith(".tmp")]
+    for f in stale:
+        try:
+            os.unlink(os.path.join(folder, f))
+        except FileNotFoundError:
+            pass
+    return stale
+
+
 def load(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise SystemExit(f"--resume: no checkpoint at {path!r}")

@@ -215,6 +215,9 @@ class Trainer:
         self.baselines: dict = {}
         self.elapsed_before = 0.0  # wall time of the run before a resume
         self.resumed_from = None
+        if rt.main:  # a run killed mid-write leaves temporary files: the published checkpoint is intact
+            for name in ("checkpoint.pt", "metrics.csv", "metrics.json", "config.json"):
+                ckpt_io.remove_stale_temporaries(os.path.join(cfg.out, name))
         if cfg.resume:
             self._resume(cfg.resume)
 
