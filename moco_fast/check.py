@@ -913,7 +913,7 @@ def run_speed(states, device, quick: bool, rec: Recorder, ops: Sequence[str]) ->
 def print_speed(rows: list[SpeedRow]) -> None:
     table = []
     for r in rows:
-        rate = "-" if r.rate is None else (f"{r.rate:.1f} {r.unit}" if r.rate < 100 else f"{r.rate:.0f} {r.unit}")
+        rate = "-" if r.rate is None else f"{r.rate:.3g} {r.unit}"
         table.append(
             {
                 "section": r.section,
