@@ -312,8 +312,7 @@ def _run_case(outcome: Outcome, fn: Callable[[Outcome], None]) -> Outcome:
     try:
         fn(outcome)
     except Exception as exc:  # noqa: BLE001 - any exception on a valid input is a FAIL, reported
-        line = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        outcome.error = line[:300]
+        outcome.error = _error(exc, 300)
     return outcome
 
 
@@ -695,11 +694,28 @@ def _timing(device, quick: bool) -> dict[str, Any]:
     }
 
 
-def _timed(row: SpeedRow, fn, device, timing) -> None:
+def _error(exc: BaseException, limit: int = 160) -> str:
+    return traceback.format_exception_only(type(exc), exc)[-1].strip()[:limit]
+
+
+def measure(row: SpeedRow, prepare: Callable[[], Callable[[], Any]], device, timing, work: float, scale: float) -> None:
+    """Check, then time one row: ``prepare()`` builds the row, runs its check (setting ``row.status`` on a
+    mismatch) and returns the callable to time; rate = work / time / scale. Errors are recorded, not raised."""
     try:
+        fn = prepare()
         row.time_s = mb.time_fn(fn, device, **timing)["median_s"]
     except Exception as exc:  # noqa: BLE001 - recorded; the other rows still run
-        row.status = f"error: {traceback.format_exception_only(type(exc), exc)[-1].strip()[:160]}"
+        row.status = f"error: {_error(exc)}"
+        return
+    row.rate = work / row.time_s / scale if row.time_s else None
+
+
+def compare_to(rows: list[SpeedRow], baseline: str, label: str) -> None:
+    """Each timed row's speed relative to the row named ``baseline`` (its time / the row's time)."""
+    base = next((r for r in rows if r.row == baseline and r.time_s), None)
+    for r in rows:
+        if base and r.time_s:
+            r.vs = (label, base.time_s / r.time_s)
 
 
 def speed_ceilings(device, floors, timing) -> list[SpeedRow]:
@@ -707,32 +723,56 @@ def speed_ceilings(device, floors, timing) -> list[SpeedRow]:
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn_like(a)
-    mm = SpeedRow("ceiling", "bf16 matmul (torch)", f"{n}x{n}x{n}", unit="TFLOP/s")
-    _timed(mm, lambda: a @ b, device, timing)
     x = torch.rand(2**28, device=device)
+    flops, nbytes = 2.0 * n**3, 2.0 * x.numel() * 4
+    mm = SpeedRow("ceiling", "bf16 matmul (torch)", f"{n}x{n}x{n}", unit="TFLOP/s")
+    mm.floor_s = flops / (floors.bf16_tflops * 1e12) if floors else None
+    measure(mm, lambda: lambda: a @ b, device, timing, flops, 1e12)
     cp = SpeedRow("ceiling", "device copy (clone)", "1 GiB fp32", unit="GB/s")
-    _timed(cp, x.clone, device, timing)
-    if mm.time_s:
-        mm.rate = 2 * n**3 / mm.time_s / 1e12
-        mm.floor_s = 2 * n**3 / (floors.bf16_tflops * 1e12) if floors else None
-    if cp.time_s:
-        cp.rate = 2 * x.numel() * 4 / cp.time_s / 1e9
-        cp.floor_s = 2 * x.numel() * 4 / (floors.memory_tbps * 1e12) if floors else None
+    cp.floor_s = nbytes / (floors.memory_tbps * 1e12) if floors else None
+    measure(cp, lambda: x.clone, device, timing, nbytes, 1e9)
     return [mm, cp]
 
 
-def speed_info_nce(states, device, floors, timing, quick: bool) -> list[SpeedRow]:
+def _info_nce_step(name: str, row: SpeedRow, inputs, ref_loss: list[float], dtype, device) -> Callable[[], None]:
+    """Check one InfoNCE speed row (its loss against the reference row's, on the same inputs) and return
+    the timed step: fwd+bwd (dq, dk) of ``info_nce`` on the next input set."""
     import moco_fast
 
-    rows: list[SpeedRow] = []
+    cycle = itertools.cycle(inputs)
+
+    def step():
+        q, k, n = next(cycle)
+        loss = moco_fast.info_nce(q, k, n, TEMPERATURE, backend=name)
+        torch.autograd.grad(loss, (q, k))
+
+    q, k, n = inputs[0]
+    loss = float(moco_fast.info_nce(q, k, n, TEMPERATURE, backend=name).detach())
+    row.extra["loss"] = loss
+    if name == "reference":
+        ref_loss.append(loss)
+    elif ref_loss:  # the reference's fp32 logits on the same inputs: a check at this size
+        err, tol = abs(loss - ref_loss[0]) / abs(ref_loss[0]), tolerance([dtype], device)
+        row.extra["loss_rel_vs_reference"] = err
+        if not err <= tol:
+            row.status = f"FAIL: loss {loss:.6g} vs reference {ref_loss[0]:.6g} (rel {err:.1e} > {tol:g})"
+    if device.type == "cuda":
+        row.extra["peak_extra_bytes"] = mb.cuda_peak_extra(step, device)[0]
+    return step
+
+
+def speed_info_nce(states, device, floors, timing, quick: bool) -> list[SpeedRow]:
+    all_rows: list[SpeedRow] = []
     keys, dim = 65536, 128
     names = [b.name for b in states if b.reason is None and not b.interpreted]
+    names = [n for n in ("reference", "cuda", "triton", "torch") if n in names]  # the baseline first
     for dtype, batch in itertools.product((BF16, FP32), (256,) if quick else (256, 4096)):
         elem = torch.empty((), dtype=dtype).element_size()
-        sets = mb.cache_rotation(keys * dim * elem, device)
         gen = torch.Generator().manual_seed(batch)
-        inputs = [tuple(_unit(r, dim, gen).to(device, dtype) for r in (batch, batch, keys)) for _ in range(sets)]
-        inputs = [(q.requires_grad_(True), k.requires_grad_(True), n) for q, k, n in inputs]
+        inputs = []
+        for _ in range(mb.cache_rotation(keys * dim * elem, device)):  # on a GPU: more input than L2
+            q, k, n = (_unit(r, dim, gen).to(device, dtype) for r in (batch, batch, keys))
+            inputs.append((q.requires_grad_(True), k.requires_grad_(True), n))
         flops = 4.0 * batch * keys * dim
         nbytes = elem * (keys * dim + 3 * batch * dim)
         floor_s = None
@@ -741,57 +781,27 @@ def speed_info_nce(states, device, floors, timing, quick: bool) -> list[SpeedRow
             floor_s = max(flops / rate, nbytes / (floors.memory_tbps * 1e12))
         case = f"B={batch} K={keys} d={dim} {SHORT[dtype]}"
         logits_bytes = 4 * 4 * batch * (keys + 1)  # the reference's ~4 fp32 copies of the logits
-        ref_loss = None
-        for name in ("reference", *[n for n in names if n != "reference"]):
-            if name not in names:
-                continue
+        rows: list[SpeedRow] = []
+        ref_loss: list[float] = []
+        for name in names:
             row = SpeedRow("info_nce fwd+bwd", f"info_nce[{name}]", case, unit="TFLOP/s", floor_s=floor_s)
             rows.append(row)
             if name == "reference" and logits_bytes > 0.5 * mb.available_memory_bytes(device):
                 row.status = f"skipped: needs {logits_bytes / 2**30:.1f} GiB"
                 continue
-            cycle = itertools.cycle(inputs)
-
-            def step(name=name, cycle=cycle):
-                q, k, n = next(cycle)
-                loss = moco_fast.info_nce(q, k, n, TEMPERATURE, backend=name)
-                torch.autograd.grad(loss, (q, k))
-                return loss
-
-            try:
-                q, k, n = inputs[0]
-                loss = float(moco_fast.info_nce(q, k, n, TEMPERATURE, backend=name).detach())
-                row.extra["loss"] = loss
-                if ref_loss is None:
-                    ref_loss = loss if name == "reference" else None
-                else:
-                    err = abs(loss - ref_loss) / abs(ref_loss)
-                    tol = tolerance([dtype], device)
-                    row.extra["loss_rel_vs_reference"] = err
-                    if not err <= tol:
-                        row.status = f"FAIL: loss {loss:.6g} vs reference {ref_loss:.6g} (rel {err:.1e} > {tol:g})"
-                if device.type == "cuda":
-                    peak, _ = mb.cuda_peak_extra(step, device)
-                    row.extra["peak_extra_bytes"] = peak
-            except Exception as exc:  # noqa: BLE001
-                row.status = f"error: {traceback.format_exception_only(type(exc), exc)[-1].strip()[:160]}"
-                continue
-            _timed(row, step, device, timing)
-            if row.time_s:
-                row.rate = flops / row.time_s / 1e12
-        base = next((r for r in rows if r.case == case and r.row == "info_nce[reference]" and r.time_s), None)
-        for r in rows:
-            if base and r.case == case and r.time_s:
-                r.vs = ("reference", base.time_s / r.time_s)
+            prepare = functools.partial(_info_nce_step, name, row, inputs, ref_loss, dtype, device)
+            measure(row, prepare, device, timing, flops, 1e12)
+        compare_to(rows, "info_nce[reference]", "reference")
+        all_rows += rows
         del inputs
-    return rows
+    return all_rows
 
 
 def speed_momentum(states, device, floors, timing) -> list[SpeedRow]:
     online = mb.parameter_set("resnet50", device=device, seed=0)
     target0 = mb.perturbed_copy(online)
     numel = sum(p.numel() for p in online.parameters())
-    nbytes = 12 * numel  # fp32: read target and source, write target
+    nbytes = 12.0 * numel  # fp32: read target and source, write target
     case = f"resnet50 fp32 ({len(list(online.parameters()))} tensors, {numel / 1e6:.1f} M)"
     floor_s = nbytes / (floors.memory_tbps * 1e12) if floors else None
     specs = [("official loop", "official", None), ("flat lerp_", "flat_lerp", None)]
@@ -801,31 +811,27 @@ def speed_momentum(states, device, floors, timing) -> list[SpeedRow]:
                 (f"momentum_update[{b.name}]", "list", b.name),
                 (f"MomentumEncoder.update[{b.name}]", "encoder", b.name),
             ]
-    rows, expected = [], None
+    rows: list[SpeedRow] = []
+    expected: list[torch.Tensor] = []
     for label, kind, backend in specs:
         row = SpeedRow("momentum", label, case, unit="GB/s", floor_s=floor_s)
         rows.append(row)
-        try:
+
+        def prepare(kind=kind, backend=backend, row=row):
             update, read = mb.momentum_updater(kind, backend, online, target0, 0.999)
-            update()
+            update()  # one step from target0, compared with the official loop's (the first row)
             mb.synchronize(device)
             got = mb.flat_values(read())
-            expected = got if expected is None else expected  # the official loop runs first
-            err = float((got - expected).abs().max())
+            if not expected:  # the first row (the official code) is the baseline
+                expected.append(got)
+            err = float((got - expected[0]).abs().max())
             row.extra["max_abs_err_vs_official"] = err
             if not err <= 1e-6:
                 row.status = f"FAIL: max |err| vs official {err:.1e} > 1e-6"
-        except Exception as exc:  # noqa: BLE001
-            row.status = f"error: {traceback.format_exception_only(type(exc), exc)[-1].strip()[:160]}"
-            continue
-        _timed(row, update, device, timing)
-        if row.time_s:
-            row.rate = nbytes / row.time_s / 1e9
-        del update, read
-    base = next((r for r in rows if r.row == "flat lerp_" and r.time_s), None)
-    for r in rows:
-        if base and r.time_s:
-            r.vs = ("flat lerp_", base.time_s / r.time_s)
+            return update
+
+        measure(row, prepare, device, timing, nbytes, 1e9)
+    compare_to(rows, "flat lerp_", "flat lerp_")
     return rows
 
 
@@ -836,19 +842,22 @@ def speed_enqueue(states, device, floors, timing) -> list[SpeedRow]:
     gen = torch.Generator().manual_seed(5)
     start = F.normalize(torch.randn(size, dim, generator=gen), dim=1).to(device)
     keys = [F.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(device) for _ in range(4)]
-    nbytes = 2 * batch * dim * 4
+    nbytes = 2.0 * batch * dim * 4
     case = f"B={batch} into K={size} d={dim} fp32"
-    specs = [("official queue[:, ptr:ptr+B] = keys.T", None)]
+    official = "official queue[:, ptr:ptr+B] = keys.T"
+    specs = [(official, None)]
     specs += [
         (f"KeyQueue.enqueue[{b.name}]", b.name)
         for b in states
         if b.reason is None and not b.interpreted and b.name != "reference"
     ]
-    rows, expected = [], None
+    rows: list[SpeedRow] = []
+    expected: list[torch.Tensor] = []
     for label, backend in specs:
-        row = SpeedRow("enqueue", label, case, unit="GB/s", floor_s=None)
+        row = SpeedRow("enqueue", label, case, unit="GB/s")  # launch-bound: no floor
         rows.append(row)
-        try:
+
+        def prepare(backend=backend, row=row):
             if backend is None:
                 impl = mb.OfficialQueue(start)
                 enqueue, contents = impl.enqueue, impl.contents
@@ -858,24 +867,19 @@ def speed_enqueue(states, device, floors, timing) -> list[SpeedRow]:
                 )
                 with torch.no_grad():
                     queue.keys.copy_(start)
-                enqueue, contents = queue.enqueue, lambda queue=queue: queue.keys
+                enqueue, contents = queue.enqueue, lambda: queue.keys
             for kb in keys[:2]:
                 enqueue(kb)
             got = contents()[: 2 * batch].clone()
-            expected = got if expected is None else expected
-            if not torch.equal(got, expected):
+            if not expected:  # the first row (the official code) is the baseline
+                expected.append(got)
+            if not torch.equal(got, expected[0]):
                 row.status = "FAIL: queue contents differ from the official enqueue's"
-        except Exception as exc:  # noqa: BLE001
-            row.status = f"error: {traceback.format_exception_only(type(exc), exc)[-1].strip()[:160]}"
-            continue
-        cycle = itertools.cycle(keys)
-        _timed(row, lambda enqueue=enqueue, cycle=cycle: enqueue(next(cycle)), device, timing)
-        if row.time_s:
-            row.rate = nbytes / row.time_s / 1e9
-    base = next((r for r in rows if r.row.startswith("official") and r.time_s), None)
-    for r in rows:
-        if base and r.time_s:
-            r.vs = ("official", base.time_s / r.time_s)
+            cycle = itertools.cycle(keys)
+            return lambda: enqueue(next(cycle))
+
+        measure(row, prepare, device, timing, nbytes, 1e9)
+    compare_to(rows, official, "official")
     return rows
 
 
