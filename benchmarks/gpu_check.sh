@@ -97,7 +97,7 @@ phase1() {
     local parallel=()
     "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)  # Triton JIT compiles in parallel
     step 70 gpu-tests "$PY" -m pytest -q -m "not slow" tests/ -k "(gpu or cuda or triton) and not offline_compile" \
-        "${parallel[@]}" --maxfail=20 -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+        ${parallel[@]+"${parallel[@]}"} --maxfail=20 -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
 }
 
 phase2() {
