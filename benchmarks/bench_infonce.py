@@ -60,6 +60,8 @@ import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from moco_fast import benchmarking as mb  # noqa: E402
+
 SWEEP_B = (256, 1024, 4096)
 SWEEP_K = (4096, 16384, 65536, 262144)
 SWEEP_D = (128, 256)
@@ -226,7 +228,7 @@ class Lightly(Row):
         self.device_type = case.device.type
         self.low_precision = self.autocast
         self.note = (
-            f"lightly {common._version('lightly')} NTXentLoss: normalizes q,k; "
+            f"lightly {mb.package_version('lightly')} NTXentLoss: normalizes q,k; "
             "bank (K,d) fp32 cloned per call, "
             "enqueues k after the forward"
             + (
@@ -342,7 +344,7 @@ class CutCrossEntropy(Row):
         self.scale = case.scale
         self.low_precision = case.dtype != torch.float32
         self.targets = torch.zeros(case.batch, dtype=torch.long, device=case.device)
-        version = common._version("cut-cross-entropy")
+        version = mb.package_version("cut-cross-entropy")
         self.note = f"cut-cross-entropy {version} cce_exact: lse over the queue, positive merged"
 
     def forward(self, state, q, k, n):
@@ -442,9 +444,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def measure_memory(row: Row, case: Case, q, k, n, state, args) -> dict:
     """Peak extra bytes of the row's first fwd+bwd: a fresh process on the CPU, in-process on a GPU."""
     if case.device.type == "cuda":
-        peak, _ = common.cuda_peak_extra(lambda: row.fwd_bwd(state, q, k, n), case.device)
+        peak, _ = mb.cuda_peak_extra(lambda: row.fwd_bwd(state, q, k, n), case.device)
         return {"peak_extra_bytes": peak}
-    if not common.hwm_supported():
+    if not mb.hwm_supported():
         return {"error": "no /proc/self/clear_refs"}
     child = [
         "--_memory-child",
@@ -464,7 +466,7 @@ def measure_memory(row: Row, case: Case, q, k, n, state, args) -> dict:
         "--threads",
         str(torch.get_num_threads()),
     ]
-    return common.run_child(os.path.abspath(__file__), child)
+    return mb.run_child([os.path.abspath(__file__), *child])
 
 
 def memory_child(args) -> None:
@@ -479,15 +481,15 @@ def memory_child(args) -> None:
     del tq, tk, tn
     q, k, n = make_inputs(case)
     state = row.setup(case, q, k, n)
-    peak, _ = common.cpu_peak_extra(lambda: row.fwd_bwd(state, q, k, n))
-    print(json.dumps({"peak_extra_bytes": peak, "rss_base_bytes": common.rss_bytes()}))
+    peak, _ = mb.cpu_peak_extra(lambda: row.fwd_bwd(state, q, k, n))
+    print(json.dumps({"peak_extra_bytes": peak, "rss_base_bytes": mb.rss_bytes()}))
 
 
 def run_case(case: Case, rows: list[Row], args, timing: dict) -> list[dict]:
     """Check, time and measure every row on one case; returns result dicts (reference first)."""
     q, k, n = make_inputs(case)
     # 4 fp32 copies of the logits (measured: 4.35 at B=256, K=65536 on the CPU), with a 20% margin.
-    fits = case.logits_bytes() <= 0.8 * common.available_memory_bytes(case.device)
+    fits = case.logits_bytes() <= 0.8 * mb.available_memory_bytes(case.device)
     need = f"skipped: needs {case.logits_bytes() / 2**30:.1f} GiB"
     results = []
 
@@ -530,8 +532,8 @@ def run_case(case: Case, rows: list[Row], args, timing: dict) -> list[dict]:
             # The check call above is the first warm-up call; the forward runs warm after the fwd+bwd calls.
             fb_timing = dict(timing, warmup=max(timing["warmup"] - 1, 0))
             fw_timing = dict(timing, warmup=timing["warmup"] // 2, min_repeats=min(3, timing["min_repeats"]))
-            fb = common.time_fn(functools.partial(row.fwd_bwd, state, q, k, n), case.device, **fb_timing)
-            fw = common.time_fn(functools.partial(row.forward, state, q, k, n), case.device, **fw_timing)
+            fb = mb.time_fn(functools.partial(row.fwd_bwd, state, q, k, n), case.device, **fb_timing)
+            fw = mb.time_fn(functools.partial(row.forward, state, q, k, n), case.device, **fw_timing)
             result.update(
                 fwd_bwd_s=fb["median_s"],
                 fwd_bwd_min_s=fb["min_s"],
@@ -553,9 +555,9 @@ def run_case(case: Case, rows: list[Row], args, timing: dict) -> list[dict]:
     base = next((r for r in results if r["row"] == "reference" and "fwd_bwd_s" in r), None)
     for r in results:
         if base is not None and "fwd_bwd_s" in r:
-            r["speedup_vs_ref"] = common.ratio(base["fwd_bwd_s"], r["fwd_bwd_s"])
-            r["fwd_speedup_vs_ref"] = common.ratio(base["fwd_s"], r["fwd_s"])
-            r["memory_vs_ref"] = common.ratio(r.get("peak_extra_bytes"), base.get("peak_extra_bytes"))
+            r["speedup_vs_ref"] = mb.ratio(base["fwd_bwd_s"], r["fwd_bwd_s"])
+            r["fwd_speedup_vs_ref"] = mb.ratio(base["fwd_s"], r["fwd_s"])
+            r["memory_vs_ref"] = mb.ratio(r.get("peak_extra_bytes"), base.get("peak_extra_bytes"))
     return results
 
 
@@ -586,14 +588,14 @@ def table(results: list[dict], device: torch.device, with_case: bool = False) ->
             {
                 "case": f"{r['B']}/{r['K']}/{r['d']}/{r['dtype']}",
                 "row": r["row"],
-                "fb": common.fmt_time(r.get("fwd_bwd_s")),
-                "fw": common.fmt_time(r.get("fwd_s")),
+                "fb": mb.fmt_time(r.get("fwd_bwd_s")),
+                "fw": mb.fmt_time(r.get("fwd_s")),
                 "n": r.get("repeats", "-"),
-                "mem": common.fmt_bytes(r.get("peak_extra_bytes")),
-                "speed": common.fmt_ratio(r.get("speedup_vs_ref")),
+                "mem": mb.fmt_bytes(r.get("peak_extra_bytes")),
+                "speed": mb.fmt_ratio(r.get("speedup_vs_ref")),
                 "memr": "-" if r.get("memory_vs_ref") is None else f"{r['memory_vs_ref']:.3f}",
-                "lerr": common.fmt_err(r.get("loss_abs_err")),
-                "qerr": common.fmt_err(r.get("dq_rel_err")),
+                "lerr": mb.fmt_err(r.get("loss_abs_err")),
+                "qerr": mb.fmt_err(r.get("dq_rel_err")),
                 "tf": "-" if "tflops" not in r else f"{r['tflops']:.1f}",
                 "gb": "-" if "gbps" not in r else f"{r['gbps']:.0f}",
                 "status": r.get("status", ""),
@@ -614,7 +616,7 @@ def table(results: list[dict], device: torch.device, with_case: bool = False) ->
     if device.type == "cuda":
         columns += [("TFLOP/s", "tf"), ("GB/s", "gb")]
     columns += [("check", "status")]
-    return common.format_table(rows, columns)
+    return mb.format_table(rows, columns)
 
 
 def notes(results: list[dict]) -> str:

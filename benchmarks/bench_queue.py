@@ -3,12 +3,14 @@
 
 Rows, each checked (same queue contents after a few steps from the same start) before timing:
 
-* ``official``: moco_fast.reference.reference_enqueue — the MoCo code's (dim, K) buffer, written
-  transposed (``queue[:, p:p+B] = keys.T``), ``int(ptr)`` host read, ``K % B == 0`` assert (rows
-  whose B does not divide K are skipped: the official code cannot run them).
-* ``KeyQueue[<backend>, raise]``: (K, d) buffer, device-side ptr/count, all-or-nothing NaN/Inf
-  check; "raise" reads the ok flag back (one host sync per call).
-* ``KeyQueue[<backend>, skip]``: drops a bad batch on the device; no host sync once the queue is full.
+* ``official queue[:, ptr:ptr+B] = keys.T``: moco_fast.reference.reference_enqueue (through
+  moco_fast.benchmarking.OfficialQueue) — the MoCo code's (dim, K) buffer, written transposed,
+  ``int(ptr)`` host read, ``K % B == 0`` assert (rows whose B does not divide K are skipped: the
+  official code cannot run them). The baseline of the "speedup vs official" column (its time / the
+  row's time: >= 1.00x means KeyQueue is at least as fast).
+* ``KeyQueue.enqueue[<backend>, raise]`` (the default): (K, d) buffer, device-side ptr/count,
+  all-or-nothing NaN/Inf check; "raise" reads the ok flag back (one host sync per call).
+* ``KeyQueue.enqueue[<backend>, skip]``: drops a bad batch on the device; no host sync once the queue is full.
 
 Metrics: median time per call (perf_counter on the CPU, CUDA events on a GPU) and host syncs per
 call. On CUDA the syncs are counted with torch.cuda.set_sync_debug_mode("warn") (one warning per
@@ -33,6 +35,9 @@ import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from moco_fast import benchmarking as mb  # noqa: E402
+
+OFFICIAL = "official queue[:, ptr:ptr+B] = keys.T"
 # Host reads of device values per call, by construction of the code (see the module docstring).
 STRUCTURAL_SYNCS = {"official": "1 (int(ptr))", "raise": "1 (ok.item())", "skip": "0 once full"}
 
@@ -45,31 +50,16 @@ def make_keys(steps: int, batch: int, dim: int, device, dtype, seed: int = 0) ->
 def rows_for(device: torch.device, wanted: list[str] | None) -> list[tuple[str, str | None, str]]:
     import moco_fast
 
-    rows = [("official", None, "official")]
+    rows = [(OFFICIAL, None, "official")]
     backends = [b for b in moco_fast.available_backends() if b != "reference"]
     if device.type != "cuda":
         backends = [b for b in backends if b == "torch"]  # triton: interpreter far too slow; cuda: GPU only
     for b in backends:
         for mode in ("raise", "skip"):
-            rows.append((f"KeyQueue[{b}, {mode}]", b, mode))
+            rows.append((f"KeyQueue.enqueue[{b}, {mode}]", b, mode))
     if wanted and wanted != ["all"]:
         rows = [r for r in rows if r[0] in wanted or r[2] in wanted or (r[1] is not None and r[1] in wanted)]
     return rows
-
-
-class Official:
-    def __init__(self, start: torch.Tensor):
-        from moco_fast.reference import reference_enqueue
-
-        self.fn = reference_enqueue
-        self.queue_t = start.T.contiguous()  # (dim, K), as registered by the official code
-        self.ptr = torch.zeros(1, dtype=torch.long, device=start.device)
-
-    def enqueue(self, keys):
-        self.fn(self.queue_t, self.ptr, keys)
-
-    def contents(self):
-        return self.queue_t.T
 
 
 class Moco:
@@ -139,7 +129,7 @@ def run_case(batch, size, dim, dtype, device, args, timing) -> list[dict]:
             result["status"] = "skipped: K % B != 0 (the official code asserts)"
             continue
         try:
-            impl = Official(start) if mode == "official" else Moco(start, backend, mode)
+            impl = mb.OfficialQueue(start) if mode == "official" else Moco(start, backend, mode)
             for keys in check_keys:
                 impl.enqueue(keys)
             got = impl.contents().float().clone()
@@ -148,13 +138,13 @@ def run_case(batch, size, dim, dtype, device, args, timing) -> list[dict]:
             err = float((got - expected).abs().max())
             result.update(max_abs_err=err, status="ok" if err == 0 else "FAIL (contents differ)")
             call = functools.partial(_enqueue_next, impl, itertools.cycle(bench_keys))
-            t = common.time_fn(call, device, **timing)
+            t = mb.time_fn(call, device, **timing)
             result.update(
                 time_s=t["median_s"], min_s=t["min_s"], repeats=t["repeats"], host_syncs=count_syncs(call, device)
             )
         except Exception as exc:  # noqa: BLE001
             result.update(status=f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-    base = next((r for r in results if r["row"] == "official" and "time_s" in r), None)
+    base = next((r for r in results if r["row"] == OFFICIAL and "time_s" in r), None)
     for r in results:
         if base and "time_s" in r:
             r["speedup_vs_official"] = base["time_s"] / r["time_s"]
@@ -166,9 +156,9 @@ def table(results: list[dict]) -> str:
         {
             "case": f"{r['B']}/{r['K']}/{r['d']}/{r['dtype']}",
             "row": r["row"],
-            "t": common.fmt_time(r.get("time_s")),
+            "t": mb.fmt_time(r.get("time_s")),
             "n": r.get("repeats", "-"),
-            "sp": common.fmt_ratio(r.get("speedup_vs_official")),
+            "sp": mb.fmt_ratio(r.get("speedup_vs_official")),
             "sync": r.get("host_syncs", "-"),
             "struct": r["structural_syncs"],
             "status": r.get("status", ""),
@@ -185,7 +175,7 @@ def table(results: list[dict]) -> str:
         ("by construction", "struct"),
         ("check", "status"),
     ]
-    return common.format_table(rows, cols)
+    return mb.format_table(rows, cols)
 
 
 def parse_args(argv=None):

@@ -1,85 +1,155 @@
 #!/usr/bin/env bash
-# GPU truth for moco_fast, in one prepared run on a machine with one CUDA GPU (e.g. an H200) that
-# has nothing but this repo and its own python3 (torch, triton, nvcc, pytest; no network):
+# GPU truth for moco_fast on a machine with one CUDA GPU (e.g. the H200 machine: its python3 has torch,
+# triton, nvcc and pytest; no network), in two phases, each under 5 minutes of wall time:
 #
-#   1. pip install --no-deps --no-build-isolation -e .   (builds moco_fast._C when csrc/ has sources;
-#      if that build fails, reinstalls pure-Python so that the triton checks still run)
-#   2. the GPU tests: pytest -m "not slow" -k "gpu or cuda or triton" (minus the offline-compile test)
-#   3. benchmarks/gpu_bench_kernels.py: ceilings, InfoNCE fwd+bwd per backend, momentum, enqueue
-#      -> benchmarks/results/gpu_<date>.json (+ a copy in $OUT when set), one short table
-#   3b. the peer benchmarks bench_infonce.py / bench_momentum.py / bench_queue.py with --device cuda
-#   4. optionally (GPU_CHECK_AUTOTUNE=1) the triton forward autotuner
+#   bash benchmarks/gpu_check.sh 1          # install (builds moco_fast._C; if that fails, pure Python), GPU tests
+#   bash benchmarks/gpu_check.sh 2          # python -m moco_fast.check --out $OUT, then the benchmarks on cuda
+#   bash benchmarks/gpu_check.sh            # phase 1, then phase 2
+#   bash benchmarks/gpu_check.sh --dry-run  # on a CPU: syntax, the budgets below, the code paths (TRITON_INTERPRET=1)
 #
-#   bash benchmarks/gpu_check.sh              # the full check: ~5 min expected, step caps sum to 12 min
-#   bash benchmarks/gpu_check.sh --dry-run    # on a CPU machine: syntax + the benchmark's code paths
+# Phase 2 needs nothing from phase 1 but the installed package: on a fresh machine it installs this
+# checkout pure-Python (seconds; the "cuda" backend then reports "not built").
 #
-# Every step has its own timeout; a failing step is reported and the next one still runs. The exit
-# status is non-zero when any step failed. A log goes to benchmarks/results/gpu_check_<date>.log.
+# Each step has a time limit: at the limit it gets SIGINT (pytest and the check then write what they
+# have), 5 s later SIGKILL; a failed step is reported and the next one still runs; the exit status is
+# non-zero when a step failed. Limits in seconds, each phase's sum + 5 s of grace per step <= 300:
+# BUDGET phase 1: machine 10 + install 150 + install-pure 30 + import 10 + gpu-tests 70 = 270 (+25 grace) = 295
+# BUDGET phase 2: machine 10 + ensure-installed 35 + check 130 + bench-infonce 45 + bench-momentum 25 + bench-queue 15 = 260 (+30 grace) = 290
+#
+# Everything is written into $OUT as it goes (default benchmarks/results/gpu_<date>/), flat, at most
+# 6 files: gpu_check.log (both phases append), gpu_tests.xml (phase 1); check_<date>.jsonl,
+# bench_infonce.json, bench_momentum.json, bench_queue.json (phase 2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-STAMP="$(date +%Y%m%d_%H%M%S)"
+GRACE=5
+PHASE_CAP=300
+export PYTHONUNBUFFERED=1
 
-if [[ "${1:-}" == "--dry-run" ]]; then
-    bash -n "$0" || exit 1
-    "$PY" -m py_compile benchmarks/gpu_bench_kernels.py || exit 1
-    exec env TRITON_INTERPRET=1 "$PY" benchmarks/gpu_bench_kernels.py --dry-run
-fi
+failed=()
+step() {  # step LIMIT NAME COMMAND...: run COMMAND under its time limit; log rc and time
+    local limit=$1 name=$2 t0=$SECONDS rc
+    shift 2
+    echo
+    echo "=== [$name] limit ${limit} s ($(date +%H:%M:%S))"
+    timeout -s INT -k "$GRACE" "$limit" "$@"
+    rc=$?
+    echo "=== [$name] rc=$rc in $((SECONDS - t0)) s"
+    [[ $rc -eq 0 ]] || failed+=("$name (rc $rc)")
+    return "$rc"
+}
 
-mkdir -p benchmarks/results
-LOG="benchmarks/results/gpu_check_${STAMP}.log"
-exec > >(tee -a "$LOG") 2>&1
-status=0
-step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+machine() {  # what runs here: GPU, driver, python, torch, triton, nvcc
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null ||
+        echo "no nvidia-smi"
+    "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__,
+"cuda", torch.version.cuda, "| GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
+    "$PY" -c 'import triton; print("triton", triton.__version__)' || echo "triton: not importable"
+    { command -v nvcc && nvcc --version | tail -2; } || echo "no nvcc on PATH"
+}
 
-step "machine"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-"$PY" - <<'EOF' || status=1
-import torch, sys
-print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda)
-try:
-    import triton; print("triton", triton.__version__)
-except Exception as e:
-    print("triton: not importable:", e)
-print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+installed_here() {  # moco_fast (with moco_fast.kernels) imports from this checkout, from any folder
+    local repo=$PWD
+    (cd / && "$PY" -c 'import os, sys, moco_fast, moco_fast.kernels
+sys.exit(0 if os.path.realpath(moco_fast.__file__).startswith(os.path.realpath(sys.argv[1]) + os.sep) else 1)' "$repo")
+}
+
+ensure_installed() {  # phase 2 on a fresh machine: the pure-Python install of this checkout
+    if installed_here; then
+        echo "moco_fast is installed from this checkout"
+    elif [[ "${1:-}" == "--dry-run" ]]; then
+        echo "moco_fast is not installed from this checkout: phase 2 would install it (MOCO_FAST_BUILD_CUDA=0)"
+    else
+        echo "moco_fast is not installed from this checkout: installing it pure-Python (MOCO_FAST_BUILD_CUDA=0)"
+        MOCO_FAST_BUILD_CUDA=0 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+    fi
+}
+
+check_budgets() {  # each phase's step limits must be its BUDGET line's, and sum + grace per step <= the cap
+    "$PY" - "$0" "$GRACE" "$PHASE_CAP" <<'EOF'
+import re, sys
+
+text, grace, cap = open(sys.argv[1]).read(), int(sys.argv[2]), int(sys.argv[3])
+ok = True
+for phase in ("1", "2"):
+    body = re.search(rf"^phase{phase}\(\) {{\n(.*?)^}}", text, re.S | re.M).group(1)
+    limits = [int(x) for x in re.findall(r"\bstep (\d+) ", body)]
+    header = re.search(rf"^# BUDGET phase {phase}: (.*)$", text, re.M).group(1)
+    terms, declared_sum, declared_grace, declared_total = re.fullmatch(r"(.*) = (\d+) \(\+(\d+) grace\) = (\d+)", header).groups()
+    declared = [int(x) for x in re.findall(r"(\d+)", terms)]
+    total = sum(limits) + grace * len(limits)
+    good = declared == limits and int(declared_sum) == sum(limits) and int(declared_grace) == grace * len(limits)
+    good = good and int(declared_total) == total <= cap
+    ok &= good
+    print(f"phase {phase}: step limits {limits} = {sum(limits)} s + {grace} s grace x {len(limits)} = {total} s "
+          f"(cap {cap} s; header says {declared_total}): {'ok' if good else 'MISMATCH'}")
+sys.exit(0 if ok else 1)
 EOF
-which nvcc && nvcc --version | tail -2 || echo "no nvcc on PATH"
+}
 
-step "install (editable, builds the CUDA extension when possible)"
-t0=$SECONDS
-if ! timeout 300 "$PY" -m pip install --no-deps --no-build-isolation -e . ; then
-    echo "!!! install with the CUDA extension failed; reinstalling pure-Python (MOCO_FAST_BUILD_CUDA=0)"
-    status=1
-    MOCO_FAST_BUILD_CUDA=0 timeout 120 "$PY" -m pip install --no-deps --no-build-isolation -e . || exit 2
+phase1() {
+    step 10 machine bash "$0" --machine
+    if ! step 150 install env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-deps --no-build-isolation -e .; then
+        echo "!!! the install with the CUDA extension failed: reinstalling pure-Python (MOCO_FAST_BUILD_CUDA=0)"
+        step 30 install-pure env MOCO_FAST_BUILD_CUDA=0 "$PY" -m pip install --no-deps --no-build-isolation -e .
+    fi
+    step 10 import "$PY" -c "import moco_fast.backends as b; print('backends:', b.availability())"
+    local parallel=()
+    "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)  # Triton JIT compiles in parallel
+    step 70 gpu-tests "$PY" -m pytest -q -m "not slow" tests/ -k "(gpu or cuda or triton) and not offline_compile" \
+        ${parallel[@]+"${parallel[@]}"} --maxfail=20 -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+}
+
+phase2() {
+    step 10 machine bash "$0" --machine
+    step 35 ensure-installed bash "$0" --ensure-installed
+    step 130 check "$PY" -m moco_fast.check --out "$OUT"
+    step 45 bench-infonce "$PY" benchmarks/bench_infonce.py --device cuda --dtype bf16 fp32 --quick \
+        --json "$OUT/bench_infonce.json"
+    step 25 bench-momentum "$PY" benchmarks/bench_momentum.py --device cuda --quick --json "$OUT/bench_momentum.json"
+    step 15 bench-queue "$PY" benchmarks/bench_queue.py --device cuda --quick --json "$OUT/bench_queue.json"
+}
+
+dry_run() {  # on a CPU: syntax, budgets, and every script's code path at tiny sizes in the Triton interpreter
+    local tmp
+    tmp="$(mktemp -d)"
+    export TRITON_INTERPRET=1
+    step 5 syntax bash -n "$0"
+    step 10 budgets bash "$0" --budgets
+    step 20 compile "$PY" -m py_compile benchmarks/*.py moco_fast/check.py moco_fast/benchmarking.py
+    step 20 machine bash "$0" --machine
+    step 20 ensure-installed bash "$0" --ensure-installed --dry-run
+    step 120 check "$PY" -m moco_fast.check --quick --ops queue --out "$tmp"
+    step 120 bench-infonce "$PY" benchmarks/bench_infonce.py -B 8 -K 512 -d 16 --quick --no-memory \
+        --backends reference torch --json "$tmp/bench_infonce.json"
+    step 120 bench-momentum "$PY" benchmarks/bench_momentum.py --models resnet18 --backends official flat_lerp encoder --quick --repeats 2 \
+        --json "$tmp/bench_momentum.json"
+    step 120 bench-queue "$PY" benchmarks/bench_queue.py -K 4096 --quick --repeats 5 --json "$tmp/bench_queue.json"
+    step 120 bench-kernels "$PY" benchmarks/bench_kernels.py --dry-run --json "$tmp/bench_kernels.json"
+    ls "$tmp"
+    rm -rf "$tmp"
+}
+
+case "${1:-all}" in
+--machine) machine; exit ;;
+--ensure-installed) ensure_installed "${2:-}"; exit ;;
+--budgets) check_budgets; exit ;;
+--dry-run) dry_run ;;
+1 | 2 | all)
+    OUT="${OUT:-benchmarks/results/gpu_$(date +%Y%m%d_%H%M%S)}"
+    mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+    exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+    echo "=== moco_fast gpu_check phase ${1:-1 and 2}, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null), OUT=$OUT"
+    [[ "${1:-all}" == 2 ]] || phase1
+    [[ "${1:-all}" == 1 ]] || phase2
+    ;;
+*) echo "usage: bash benchmarks/gpu_check.sh [1|2|--dry-run]" >&2; exit 2 ;;
+esac
+
+echo
+if [[ ${#failed[@]} -eq 0 ]]; then
+    echo "=== done: every step passed"
+else
+    echo "=== done: failed steps: ${failed[*]}"
 fi
-echo "install took $((SECONDS - t0)) s"
-"$PY" -c "import moco_fast; print('backends:', moco_fast.available_backends())" || status=1
-
-step "GPU tests"
-timeout 200 "$PY" -m pytest -q -m "not slow" tests/ -k "(gpu or cuda or triton) and not offline_compile" \
-    --maxfail=20 -p no:cacheprovider || { echo "!!! GPU tests failed (rc=$?)"; status=1; }
-
-step "benchmark"
-BENCH_JSON="benchmarks/results/gpu_${STAMP}.json"
-timeout 240 "$PY" benchmarks/gpu_bench_kernels.py --out "$BENCH_JSON" || { echo "!!! benchmark rc=$?"; status=1; }
-
-step "peer benchmarks (bench_infonce / bench_momentum / bench_queue on the GPU)"
-timeout 100 "$PY" benchmarks/bench_infonce.py --device cuda --dtype bf16 \
-    --json "benchmarks/results/gpu_infonce_${STAMP}.json" || { echo "!!! bench_infonce rc=$?"; status=1; }
-timeout 50 "$PY" benchmarks/bench_momentum.py --device cuda --quick \
-    --json "benchmarks/results/gpu_momentum_${STAMP}.json" || { echo "!!! bench_momentum rc=$?"; status=1; }
-timeout 30 "$PY" benchmarks/bench_queue.py --device cuda \
-    --json "benchmarks/results/gpu_queue_${STAMP}.json" || { echo "!!! bench_queue rc=$?"; status=1; }
-
-if [[ "${GPU_CHECK_AUTOTUNE:-0}" == "1" ]]; then
-    step "triton autotune (bf16 forward)"
-    timeout 300 "$PY" benchmarks/gpu_bench_kernels.py --autotune --quick --skip infonce momentum enqueue \
-        --out "benchmarks/results/gpu_autotune_${STAMP}.json" || status=1
-fi
-
-if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
-    cp -f benchmarks/results/gpu_*"${STAMP}"*.json "$OUT"/ 2>/dev/null || true
-    cp -f "$LOG" "$OUT"/ 2>/dev/null || true
-fi
-step "done: status $status"
-exit $status
+[[ ${#failed[@]} -eq 0 ]]
