@@ -163,7 +163,7 @@ def backend_states(device: torch.device) -> list[Backend]:
         if reason is None and name == "cuda" and device.type != "cuda":
             reason = "built, no CUDA device" if torch.cuda.is_available() is False else "built; checking on the CPU"
         if reason is None and name == "triton":
-            interpreted = backends.triton_interpreted()
+            interpreted = bool(getattr(backends.module("triton"), "INTERPRETED", False))
             if device.type != "cuda" and not interpreted:
                 reason = (
                     "importable, no CUDA device (set TRITON_INTERPRET=1 before starting Python "
@@ -428,13 +428,14 @@ def info_nce_cases(b: Backend, device) -> list[tuple[tuple, tuple, bool]]:
 # ---------------------------------------------------------------------------------------- momentum
 
 
-def _momentum_tensors(dtypes: Sequence[torch.dtype], device, gen):
-    """(targets, sources): random tensors of MOMENTUM_SHAPES, dtypes cycled; the last target non-contiguous."""
+def _momentum_tensors(dtypes: Sequence[torch.dtype], device, gen, strided_last: bool = True):
+    """(targets, sources): random tensors of MOMENTUM_SHAPES, dtypes cycled; the last target a non-contiguous
+    view when ``strided_last`` (for backends whose declared support takes strided tensors)."""
     targets, sources = [], []
     for i, shape in enumerate(MOMENTUM_SHAPES):
         dt = dtypes[i % len(dtypes)]
         t = torch.randn(shape, generator=gen)
-        if i == len(MOMENTUM_SHAPES) - 1:
+        if strided_last and i == len(MOMENTUM_SHAPES) - 1:
             t = torch.randn(tuple(reversed(shape)), generator=gen).to(device, dt).t()  # a view, not contiguous
         else:
             t = t.to(device, dt)
@@ -454,7 +455,9 @@ def _group_errors(o: Outcome, got, ref, device, prefix: str = "") -> None:
 def check_momentum_list(o: Outcome, backend: str, device, dtypes, momentum: float, seed: int) -> None:
     import moco_fast
 
-    targets, sources = _momentum_tensors(dtypes, device, torch.Generator().manual_seed(seed))
+    declared = backends.support(backend, "momentum_update")
+    strided = declared is not None and not declared.contiguous  # kernels take contiguous lists (their Support)
+    targets, sources = _momentum_tensors(dtypes, device, torch.Generator().manual_seed(seed), strided)
     t64 = [t.double().cpu() for t in targets]
     s64 = [s.double().cpu() for s in sources]
     moco_fast.momentum_update(targets, sources, momentum, backend=backend)

@@ -126,7 +126,7 @@ INFONCE_POISONS = {
 
 @pytest.mark.parametrize("poison", list(INFONCE_POISONS))
 def test_poisoned_info_nce_fails(poison, monkeypatch):
-    from moco_fast import chunked
+    from moco_fast import torch_backend as chunked
 
     if INFONCE_POISONS[poison]:
         name, kwargs = INFONCE_POISONS[poison]
@@ -145,7 +145,7 @@ def test_poisoned_info_nce_fails(poison, monkeypatch):
 
 
 def test_poisoned_momentum_fails_the_command(monkeypatch, capsys):
-    from moco_fast import chunked
+    from moco_fast import torch_backend as chunked
 
     original = chunked.momentum_update_
 
@@ -161,7 +161,7 @@ def test_poisoned_momentum_fails_the_command(monkeypatch, capsys):
 
 
 def test_poisoned_enqueue_fails(monkeypatch):
-    from moco_fast import chunked
+    from moco_fast import torch_backend as chunked
 
     original = chunked.enqueue_
 
@@ -176,7 +176,7 @@ def test_poisoned_enqueue_fails(monkeypatch):
 
 
 def test_enqueue_that_accepts_nan_fails(monkeypatch):
-    from moco_fast import chunked
+    from moco_fast import torch_backend as chunked
 
     original = chunked.enqueue_
 

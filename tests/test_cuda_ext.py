@@ -40,7 +40,7 @@ NEW_PRECISION_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 OPS = ("infonce_forward", "infonce_backward", "infonce_backward_negatives", "momentum_update_", "enqueue_")
 
-# The GPU tests run against these; a local harness may point them at moco_fast.chunked on the CPU to
+# The GPU tests run against these; a local harness may point them at moco_fast.torch_backend on the CPU to
 # check the test code itself.
 DEVICE = "cuda"
 IMPL = cuda_ext
