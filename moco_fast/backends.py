@@ -175,9 +175,6 @@ def refusal(
     return declared.refusal(device, tuple(dtypes), dim, contiguous, mode)
 
 
-# torch.compile: the choice depends only on Python values (names, device, dtypes, sizes), so the
-# tracer runs it once and bakes the answer into the graph instead of tracing importlib.
-@torch.compiler.assume_constant_result
 def select(
     op: str,
     backend: str,
@@ -198,6 +195,13 @@ def select(
     if name == "auto":
         name = check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
     return _select(op, name, device, tuple(dtypes), dim, contiguous, mode)
+
+
+# torch.compile: the choice depends only on Python values (names, device, dtypes, sizes), so the tracer
+# runs it once and bakes the answer into the graph instead of tracing importlib. This is what
+# torch.compiler.assume_constant_result does, set directly: the public decorator imports torch._dynamo,
+# which would add ~3 s to `import moco_fast` (tests/test_compile.py proves fullgraph compiles).
+select._dynamo_marked_constant = True
 
 
 @functools.lru_cache(maxsize=4096)
