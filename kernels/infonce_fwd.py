@@ -77,9 +77,7 @@ def _load_tile(ptrs, key_ok, col_ok, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
     return t
 
 
-# B is not specialized (no B == 1 / B % 16 variants): it only bounds masks, and triton's B == 1
-# specialization made the sm_80 fp32 tiles spill.
-@triton.jit(do_not_specialize=["B"])
+@triton.jit
 def infonce_fwd_split_kernel(
     q_ptr,
     k_ptr,

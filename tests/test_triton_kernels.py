@@ -189,6 +189,18 @@ def test_forward_split_counts_agree(splits, fuse):
     assert (out - out1).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("B,K,d", [(37, 1000, 96), (5, 1100, 16)])
+def test_forward_with_a_132_sm_plan(monkeypatch, B, K, d):
+    """The split counts and the small combine row blocks (2 rows) an H100/H200 would get."""
+    from moco_fast.kernels import runtime as R
+
+    monkeypatch.setattr(R, "device_info", lambda device: (132, (9, 0)))
+    q, k, n = make(B, K, d, seed=6)
+    plan = H.fwd_plan(B, K, d, "float32", "float32", "ieee", (9, 0), 132, True)
+    assert plan.splits > 1 and plan.combine_block_m == 2
+    run_forward_check(q, k, n, 1 / TEMP, 1e-5)
+
+
 @pytest.mark.parametrize("B,d,fuse", [(1, 16, None), (7, 96, False), (37, 128, None), (5, 16, True)])
 def test_forward_k0_is_positive_only(B, d, fuse):
     """K = 0: only the positive; loss exactly 0 (fused and split+combine paths), lse = scale*q.k."""
