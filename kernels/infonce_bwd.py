@@ -140,18 +140,7 @@ def infonce_backward(grad, q, k, lse, out, scale):
 @functools.lru_cache(maxsize=512)
 def _dn_meta(plan: H.DnPlan, dot_dtype: str, precision: str) -> dict:
     """The dn kernel's constexprs and launch options for a plan (built once per plan)."""
-    cfg = plan.config
-    return dict(
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        D_PAD=plan.d_pad,
-        EVEN_D=plan.even_d,
-        DOT_DTYPE=getattr(tl, dot_dtype),
-        PRECISION=precision,
-        EMULATE=R.INTERPRETED,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    return R.dot_kernel_meta(plan.config, plan.d_pad, plan.even_d, dot_dtype, precision)
 
 
 def plan_backward_negatives(q: torch.Tensor, negatives: torch.Tensor, *, config=None):

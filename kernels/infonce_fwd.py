@@ -187,21 +187,8 @@ def infonce_fwd_split_kernel(
 @functools.lru_cache(maxsize=512)
 def _split_meta(plan: H.FwdPlan, dot_dtype: str, precision: str) -> dict:
     """The split kernel's constexprs and launch options for a plan (built once per plan)."""
-    cfg = plan.config
-    return dict(
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        D_PAD=plan.d_pad,
-        EVEN_K=plan.even_k,
-        EVEN_D=plan.even_d,
-        FINALIZE=plan.fused,
-        TRANS_COPY=plan.trans_copy,
-        DOT_DTYPE=getattr(tl, dot_dtype),
-        PRECISION=precision,
-        EMULATE=R.INTERPRETED,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    meta = R.dot_kernel_meta(plan.config, plan.d_pad, plan.even_d, dot_dtype, precision)
+    return dict(meta, EVEN_K=plan.even_k, FINALIZE=plan.fused, TRANS_COPY=plan.trans_copy)
 
 
 def plan_forward(q: torch.Tensor, negatives: torch.Tensor, *, num_splits=None, config=None, fuse=None):

@@ -7,6 +7,7 @@
 - device_guard(device): Triton launches on the *current* CUDA device and its current stream, so
   every launcher enters the tensors' device first (a no-op for CPU tensors under the interpreter).
 - fp32_precision(): the user's float32 matmul precision ("ieee" | "tf32"), read without raising.
+- dot_kernel_meta(...): the constexprs / launch options every kernel with dots takes.
 - LOG2E / LN2 as tl.constexpr globals for the kernels, derived from moco_fast.numerics.
 """
 
@@ -67,3 +68,19 @@ def device_guard(device: torch.device):
 
 def fp32_precision() -> str:
     return numerics.fp32_matmul_precision()
+
+
+def dot_kernel_meta(config, d_pad: int, even_d: bool, dot_dtype: str, precision: str) -> dict:
+    """Constexprs and launch options shared by the kernels with dots (forward split, dn): the tile of
+    a heuristics.TileConfig, D_PAD / EVEN_D, the dot dtype (a heuristics dtype name) and precision."""
+    return dict(
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        D_PAD=d_pad,
+        EVEN_D=even_d,
+        DOT_DTYPE=getattr(tl, dot_dtype),
+        PRECISION=precision,
+        EMULATE=INTERPRETED,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )

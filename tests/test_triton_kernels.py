@@ -189,6 +189,21 @@ def test_forward_split_counts_agree(splits, fuse):
     assert (out - out1).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("B,K,d,splits", [(37, 1000, 96, 3), (7, 63, 16, None), (5, 300, 256, 2)])
+def test_forward_transposed_second_copy(monkeypatch, B, K, d, splits):
+    """TRANS_COPY (the sm_90 tf32 path: the tile loaded a second time as its transpose for p @ n),
+    forced on in the interpreter: ragged K, padded d, split and fused."""
+    monkeypatch.setattr(H, "trans_copy", lambda *args: True)
+    H.fwd_plan.cache_clear()
+    try:
+        q, k, n = make(B, K, d, seed=12)
+        plan = H.fwd_plan(B, K, d, "float32", "float32", "ieee", (9, 0), 1, True, splits)
+        assert plan.trans_copy
+        run_forward_check(q, k, n, 1 / TEMP, 1e-5, num_splits=splits)
+    finally:
+        H.fwd_plan.cache_clear()
+
+
 @pytest.mark.parametrize("B,K,d", [(37, 1000, 96), (5, 1100, 16)])
 def test_forward_with_a_132_sm_plan(monkeypatch, B, K, d):
     """The split counts and the small combine row blocks (2 rows) an H100/H200 would get."""
