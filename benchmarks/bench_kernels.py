@@ -103,7 +103,7 @@ def raw_rows(KN, device, size, timing, errors) -> list[dict]:
 
 def autotune_rows(KN, device, size, timing, errors) -> list[dict]:
     """MOCO_FAST_TRITON_AUTOTUNE=1: the best forward config per B (bf16), next to the heuristic's time."""
-    from moco_fast.kernels import launch
+    from moco_fast.kernels import infonce_fwd
 
     rows = []
     scale = 1 / 0.07
@@ -115,7 +115,7 @@ def autotune_rows(KN, device, size, timing, errors) -> list[dict]:
             )
             os.environ["MOCO_FAST_TRITON_AUTOTUNE"] = "1"
             t0 = time.perf_counter()
-            best = safe(f"autotune B={B}", lambda: launch._autotuned_fwd(q, k, queue, scale), errors)
+            best = safe(f"autotune B={B}", lambda: infonce_fwd._autotuned_fwd(q, k, queue, scale), errors)
             tune_s = time.perf_counter() - t0
             if not best or best[0] is None:
                 continue

@@ -1,12 +1,15 @@
 """Triton kernels of moco_fast (the "triton" backend), shipped as ``moco_fast.kernels``.
 
-Stages, one file each: infonce_fwd.py (split sweep over the negatives), infonce_combine.py (merge
-of the splits), infonce_bwd.py (dq/dk, and dn when the negatives need a gradient), momentum.py,
-enqueue.py; heuristics.py picks the launch configs, launch.py holds the launchers.
+One file per kernel stage, each holding its @triton.jit kernel(s) and the launcher that plans
+(heuristics.py: tiles, splits, dot dtypes; pure Python), allocates and launches them:
+infonce_fwd.py (split sweep + ``infonce_forward``), infonce_combine.py (merge of the splits),
+infonce_bwd.py (``infonce_backward``, ``infonce_backward_negatives``), momentum.py
+(``momentum_update_``), enqueue.py (``enqueue_``); runtime.py holds the shared launcher plumbing.
 
-``AVAILABLE`` is True iff triton imports (and the kernels compile to Python objects); the five
-interface functions (see moco_fast/backends.py) are then the launchers of launch.py. Without
-triton this package still imports, with AVAILABLE = False and functions that raise.
+``AVAILABLE`` is False only when the ``triton`` package is missing (``IMPORT_ERROR`` says so); the
+five interface functions (see moco_fast/backends.py) then raise. Any other error while importing
+these modules -- a broken kernel module, a broken triton -- propagates. ``INTERPRETED`` is True
+when the kernels run in the Triton interpreter (TRITON_INTERPRET=1 set before triton's import).
 """
 
 from __future__ import annotations
@@ -16,31 +19,33 @@ import torch
 from moco_fast.backends import Support
 
 try:
-    from .launch import (
-        INTERPRETED,
-        enqueue_,
-        infonce_backward,
-        infonce_backward_negatives,
-        infonce_forward,
-        momentum_update_,
-    )
-
-    AVAILABLE = True
-    IMPORT_ERROR = None
-except Exception as _err:  # noqa: BLE001 - no triton (or a broken one) just disables the backend
+    import triton  # noqa: F401
+except ModuleNotFoundError as _err:
+    if _err.name != "triton":
+        raise  # triton is there but broken: not the same as "not installed"
     AVAILABLE = False
     INTERPRETED = False
-    IMPORT_ERROR = _err
+    IMPORT_ERROR: BaseException | None = _err
 
     def _unavailable(*args, **kwargs):
         raise RuntimeError(f"moco_fast triton backend is not available: {IMPORT_ERROR!r}")
 
     infonce_forward = infonce_backward = infonce_backward_negatives = _unavailable
     momentum_update_ = enqueue_ = _unavailable
+else:
+    from .enqueue import enqueue_
+    from .infonce_bwd import infonce_backward, infonce_backward_negatives
+    from .infonce_fwd import infonce_forward
+    from .momentum import momentum_update_
+    from .runtime import INTERPRETED
 
-_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
-# Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests); compiled, on CUDA tensors.
+    AVAILABLE = True
+    IMPORT_ERROR = None
+
+# What the kernels serve (see moco_fast/backends.py). Under TRITON_INTERPRET=1 they run on CPU tensors
+# (tests); compiled, on CUDA tensors.
 _DEVICES = frozenset({"cpu"} if INTERPRETED else {"cuda"})
+_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 SUPPORT = {
     "info_nce": Support(devices=_DEVICES, dtypes=_KERNEL_DTYPES, max_dim=256),
     "momentum_update": Support(devices=_DEVICES, dtypes=_KERNEL_DTYPES, contiguous=True, modes=frozenset({"lerp"})),
@@ -50,6 +55,7 @@ SUPPORT = {
 __all__ = [
     "SUPPORT",
     "AVAILABLE",
+    "IMPORT_ERROR",
     "INTERPRETED",
     "infonce_forward",
     "infonce_backward",

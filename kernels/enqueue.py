@@ -16,10 +16,16 @@ and programs of one grid cannot wait for each other, so one program does a check
 write pass (the keys are re-read from L2). An enqueue is B*d elements (64 KB at B=256, d=128):
 launch latency dominates, not bandwidth. The ptr/count loads happen before the check pass whose
 cross-warp reductions end in a barrier, so no warp can overwrite ptr before every warp has read it.
+
+Launcher: ``enqueue_``.
 """
 
+import torch
 import triton
 import triton.language as tl
+
+from . import heuristics as H
+from . import runtime as R
 
 
 @triton.jit
@@ -69,3 +75,43 @@ def enqueue_kernel(
         new_head = head + B
         tl.store(ptr_ptr, tl.where(new_head >= K, new_head - K, new_head))
         tl.store(count_ptr, tl.minimum(count + B, K))
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+
+_ALLOWED = R.FLOATS + (torch.float64,)
+
+
+def enqueue_(queue, ptr, count, keys, normalize) -> torch.Tensor:
+    """Write keys (B, d) into the ring buffer queue (K, d) at ptr, advance ptr/count ((1,) int64)
+    on the device; returns ok (1,) bool (False: a key was NaN/Inf and nothing was written)."""
+    R.check_float("queue", queue, _ALLOWED)
+    R.check_float("keys", keys, _ALLOWED)
+    K, d = queue.shape
+    B = keys.shape[0]
+    if not 1 <= B <= K:
+        raise ValueError(f"enqueue_: need 1 <= B <= K, got B={B}, K={K}")
+    if ptr.dtype != torch.int64 or count.dtype != torch.int64:
+        raise TypeError("enqueue_: ptr and count must be int64 tensors")
+    ok = torch.empty(1, dtype=torch.bool, device=queue.device)
+    dp = H.d_pad(d)
+    compute = tl.float64 if torch.float64 in (queue.dtype, keys.dtype) else tl.float32
+    with R.device_guard(queue.device):
+        enqueue_kernel[(1,)](
+            queue,
+            ptr,
+            count,
+            keys,
+            ok,
+            B,
+            K,
+            d,
+            NORMALIZE=bool(normalize),
+            COMPUTE=compute,
+            BLOCK_R=H.enqueue_block_r(dp),
+            D_PAD=dp,
+            num_warps=8,
+        )
+    return ok

@@ -1,4 +1,5 @@
-"""InfoNCE forward, stage 2: merge the per-split partials and the positive into lse, out, rank.
+"""InfoNCE forward, stage 2: merge the per-split partials and the positive into loss, lse, out, rank;
+and ``combine_``, its launcher (called by infonce_fwd.infonce_forward).
 
 Inputs (from infonce_fwd_split_kernel, S splits):
     m_part, l_part (S, B) fp32   log2-domain running max / sum of each split
@@ -7,17 +8,33 @@ Inputs (from infonce_fwd_split_kernel, S splits):
     pos      (B,) fp32           q_i.k_i (unscaled)
     k        (B, d) fp32 | bf16 | fp16   the positives (x_0 of every row)
 Outputs:
+    loss (B,) fp32 lse - scale*q.k, as ln2*(m - c*q.k + log2 l) (see infonce_fwd.py: 0 when K = 0)
     lse  (B,) fp32 natural-log logsumexp of [c*q.k, c*q.n_0, ...] / log2(e)
     out  (B, d) fp32 softmax-weighted mean of [k_i, n_0, ...]
     rank (B,) int64
 
 Grid: one program per BLOCK_M rows (small BLOCK_M so that B=256 still spreads over many SMs:
-the partials, not the FLOPs, are what this stage reads). Splits are read BLOCK_S at a time as 2-D /
-3-D tiles so that a program keeps many loads in flight instead of one dependent load per split.
+the partials, not the FLOPs, are what this stage reads). Pass 1 reads the (S, BLOCK_M) maxima;
+pass 2 reads BLOCK_S splits per step as BLOCK_S separate 2-D (BLOCK_M, D_PAD) loads of an unrolled
+loop: independent loads in flight (latency hiding) without the 3-D layouts that made triton 3.6
+spill, in a fixed order (deterministic).
 """
 
 import triton
 import triton.language as tl
+
+from . import heuristics as H
+from .runtime import LN2
+
+
+@triton.jit
+def _row_loss(pos, pos2, m, total, scale):
+    """(loss, lse) of rows whose log2-domain max m includes the positive's pos2 = c*pos and whose
+    sum ``total`` includes its exp2(pos2 - m): loss = ln2*(m - pos2 + log2 total) >= 0,
+    lse = scale*pos + loss.
+    Shared with the split kernel's FINALIZE epilogue."""
+    loss = (m - pos2 + tl.log2(total)) * LN2
+    return loss, pos * scale + loss
 
 
 @triton.jit
@@ -28,12 +45,14 @@ def infonce_combine_kernel(
     r_ptr,
     pos_ptr,
     k_ptr,
+    loss_ptr,
     lse_ptr,
     out_ptr,
     rank_ptr,
     B,
     d,
     num_splits,
+    scale,
     qk_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -42,38 +61,65 @@ def infonce_combine_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D_PAD)
-    sp = tl.arange(0, BLOCK_S)
     row_ok = rows < B
     mask = row_ok[:, None] & (cols < d)[None, :]
     rc_off = rows.to(tl.int64)[:, None] * d + cols[None, :]
 
-    pos2 = tl.load(pos_ptr + rows, mask=row_ok, other=0.0) * qk_scale
-    # Pass 1: the global max (the positive's logit is part of it, so it is finite). BLOCK_S splits
-    # per step as one (BLOCK_S, BLOCK_M) tile: many independent loads in flight, not a serial chain.
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)
+    pos2 = pos * qk_scale
+    # Pass 1: the global max (the positive's logit is part of it, so it is finite).
     m_all = pos2
     for s0 in range(0, num_splits, BLOCK_S):
-        s_ok = (s0 + sp) < num_splits
-        sm_off = (s0 + sp).to(tl.int64)[:, None] * B + rows[None, :]
-        sm_mask = s_ok[:, None] & row_ok[None, :]
-        m_s = tl.load(m_ptr + sm_off, mask=sm_mask, other=float("-inf"))
-        m_all = tl.maximum(m_all, tl.max(m_s, axis=0))
-    # Pass 2: rescale and add, in a fixed order (deterministic).
+        for u in tl.static_range(BLOCK_S):
+            s = s0 + u
+            m_s = tl.load(m_ptr + s * B + rows, mask=row_ok & (s < num_splits), other=float("-inf"))
+            m_all = tl.maximum(m_all, m_s)
+    # Pass 2: rescale and add.
     w0 = tl.exp2(pos2 - m_all)
     kp = tl.load(k_ptr + rc_off, mask=mask, other=0.0).to(tl.float32)
     acc = kp * w0[:, None]
     l_all = w0
-    rank = tl.zeros([BLOCK_M], tl.int64)
+    rank = tl.zeros([BLOCK_M], tl.int32)
     for s0 in range(0, num_splits, BLOCK_S):
-        s_ok = (s0 + sp) < num_splits
-        sm_off = (s0 + sp).to(tl.int64)[:, None] * B + rows[None, :]
-        sm_mask = s_ok[:, None] & row_ok[None, :]
-        w = tl.exp2(tl.load(m_ptr + sm_off, mask=sm_mask, other=float("-inf")) - m_all[None, :])  # empty: 0
-        l_all += tl.sum(tl.load(l_ptr + sm_off, mask=sm_mask, other=0.0) * w, axis=0)
-        rank += tl.sum(tl.load(r_ptr + sm_off, mask=sm_mask, other=0), axis=0).to(tl.int64)
-        # (BLOCK_S, BLOCK_M, D_PAD) slab of the partial accumulators.
-        o_off = (s0 + sp).to(tl.int64)[:, None, None] * B * d + rc_off[None, :, :]
-        o = tl.load(o_ptr + o_off, mask=s_ok[:, None, None] & mask[None, :, :], other=0.0)
-        acc += tl.sum(o * w[:, :, None], axis=0)
-    tl.store(lse_ptr + rows, (m_all + tl.log2(l_all)) * 0.6931471805599453, mask=row_ok)
+        for u in tl.static_range(BLOCK_S):
+            s = s0 + u
+            s_ok = s < num_splits
+            sm_off = s * B + rows
+            sm_mask = row_ok & s_ok
+            w = tl.exp2(tl.load(m_ptr + sm_off, mask=sm_mask, other=float("-inf")) - m_all)  # empty: 0
+            l_all += tl.load(l_ptr + sm_off, mask=sm_mask, other=0.0) * w
+            rank += tl.load(r_ptr + sm_off, mask=sm_mask, other=0)
+            o = tl.load(o_ptr + s.to(tl.int64) * B * d + rc_off, mask=mask & s_ok, other=0.0)
+            acc += o * w[:, None]
+    loss, lse = _row_loss(pos, pos2, m_all, l_all, scale)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(out_ptr + rc_off, acc / l_all[:, None], mask=mask)
-    tl.store(rank_ptr + rows, rank, mask=row_ok)
+    tl.store(rank_ptr + rows, rank.to(tl.int64), mask=row_ok)
+
+
+def combine_(plan: H.FwdPlan, m_part, l_part, o_part, r_part, pos, k, loss, lse, out, rank, scale, qk_scale) -> None:
+    """Launch the combine of ``plan.splits`` partials into loss, lse, out, rank (the caller holds the
+    device guard). Shapes as in the module docstring; scale, qk_scale Python floats."""
+    B, d = k.shape
+    infonce_combine_kernel[(plan.combine_grid,)](
+        m_part,
+        l_part,
+        o_part,
+        r_part,
+        pos,
+        k,
+        loss,
+        lse,
+        out,
+        rank,
+        B,
+        d,
+        plan.splits,
+        scale,
+        qk_scale,
+        BLOCK_M=plan.combine_block_m,
+        BLOCK_S=plan.combine_block_s,
+        D_PAD=plan.d_pad,
+        num_warps=4,
+    )

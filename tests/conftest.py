@@ -5,7 +5,9 @@ TRITON_INTERPRET=1 must be set before anything imports triton: on a machine with
 the "triton" backend is then tested on CPU tensors (slowly, with exact fp32 dots).
 """
 
+import importlib.util
 import os
+import shutil
 
 import torch
 
@@ -38,3 +40,20 @@ def _seed_and_precision():
     torch.set_float32_matmul_precision("highest")
     yield
     torch.set_float32_matmul_precision(previous)
+
+
+def find_cuobjdump() -> str | None:
+    """A cuobjdump to read SASS with: triton's bundled one (backends/nvidia/bin, found without importing
+    triton), else a CUDA toolkit's (CUDA_HOME / CUDA_PATH / PATH / /usr/local/cuda); None if there is none.
+    Used by the machine-code tests (tests/machine_code)."""
+    candidates = []
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            candidates.append(os.path.join(root, "backends", "nvidia", "bin", "cuobjdump"))
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "bin", "cuobjdump"))
+    candidates.append(shutil.which("cuobjdump") or "")
+    candidates.append("/usr/local/cuda/bin/cuobjdump")
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)

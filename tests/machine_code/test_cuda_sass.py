@@ -18,11 +18,11 @@ import importlib.util
 import math
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 import torch
+from conftest import find_cuobjdump
 
 BUILT = importlib.util.find_spec("moco_fast._C") is not None
 needs_ext = pytest.mark.skipif(not BUILT, reason="moco_fast._C was not built")
@@ -42,23 +42,8 @@ DESIGNED_CTAS = 2
 CTAS_EXCEPTIONS = {("sm_80", "tf32", 128): 1, ("sm_80", "ieee", 128): 1}
 
 
-def cuobjdump() -> str | None:
-    """Path of a cuobjdump binary: triton's bundled one, a CUDA toolkit's, or PATH's."""
-    candidates = []
-    spec = importlib.util.find_spec("triton")  # no import: triton's package ships cuobjdump
-    if spec is not None and spec.submodule_search_locations:
-        for root in spec.submodule_search_locations:
-            candidates.append(os.path.join(root, "backends", "nvidia", "bin", "cuobjdump"))
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(os.path.join(os.environ[var], "bin", "cuobjdump"))
-    candidates.append(shutil.which("cuobjdump") or "")
-    candidates.append("/usr/local/cuda/bin/cuobjdump")
-    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
-
-
 def _run_cuobjdump(*args: str) -> str:
-    tool = cuobjdump()
+    tool = find_cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (triton's package or a CUDA toolkit ships one)")
     lib = importlib.util.find_spec("moco_fast._C").origin
