@@ -182,6 +182,8 @@ def test_sass_forward_occupancy(arch):
     """Registers x threads and shared memory (from the extension's own tile query) let DESIGNED_CTAS forward
     blocks share an SM, for every variant and both chips (but the sm_80 fp32 d=128 exception)."""
     _require_arch(arch)
+    import moco_fast._C  # noqa: F401  (loading the library registers torch.ops.moco_fast_C)
+
     usage = _resource_usage()
     got = {}
     for (compute, d), name in _forward_kernels(arch).items():
