@@ -196,30 +196,13 @@ def main(argv=None) -> int:
         "min_repeats": 3 if args.quick else 5,
         "budget_s": args.budget or (0.25 if args.quick else (0.5 if gpu else 1.0)),
     }
-    machine = common.machine_info(device)
-    print(
-        f"# bench_momentum on {machine.get('gpu', machine['cpu'])} ({device}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load {machine['loadavg']}; m={args.momentum}, "
-        f"{' '.join(args.dtype)}"
-    )
+    details = f"m={args.momentum}, {' '.join(args.dtype)}"
+    machine = common.announce("momentum", device, details)
     results = []
     for dtype_name in args.dtype:
         for name in args.models:
             results += run_model(name, args, device, common.parse_dtype(dtype_name), timing)
-    print(table(results))
-    machine["loadavg_end"] = list(os.getloadavg())
-    if args.json:
-        common.write_json(
-            args.json,
-            {
-                "benchmark": "momentum",
-                "machine": machine,
-                "timing": timing,
-                "argv": sys.argv[1:] if argv is None else list(argv),
-                "results": results,
-            },
-        )
-    return 0
+    return common.finish("momentum", results, table(results), machine, timing, args, argv)
 
 
 if __name__ == "__main__":

@@ -205,30 +205,13 @@ def main(argv=None) -> int:
     batches = args.batch or ([64, 256, 1000, 4096] if args.sweep else [256])
     sizes = args.keys or ([4096, 65536] if args.sweep else [65536])
     dims = args.dim or [128]
-    machine = common.machine_info(device)
-    print(
-        f"# bench_queue on {machine.get('gpu', machine['cpu'])} ({device}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load {machine['loadavg']}"
-    )
+    machine = common.announce("queue", device)
     results = []
     for t, d, k, b in itertools.product(args.dtype, dims, sizes, batches):
         if b > k:
             continue
         results += run_case(b, k, d, common.parse_dtype(t), device, args, timing)
-    print(table(results))
-    machine["loadavg_end"] = list(os.getloadavg())
-    if args.json:
-        common.write_json(
-            args.json,
-            {
-                "benchmark": "queue",
-                "machine": machine,
-                "timing": timing,
-                "argv": sys.argv[1:] if argv is None else list(argv),
-                "results": results,
-            },
-        )
-    return 0
+    return common.finish("queue", results, table(results), machine, timing, args, argv)
 
 
 if __name__ == "__main__":

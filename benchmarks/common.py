@@ -72,6 +72,27 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+def announce(benchmark: str, device: torch.device, details: str = "") -> dict[str, Any]:
+    """Print the run's one-line header (machine, versions, threads, load) and return the machine info."""
+    machine = machine_info(device)
+    print(
+        f"# bench_{benchmark} on {machine.get('gpu', machine['cpu'])} ({device}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load {machine['loadavg']}" + (f"; {details}" if details else "")
+    )
+    return machine
+
+
+def finish(benchmark: str, results: list, table_text: str, machine: dict, timing: dict, args, argv) -> int:
+    """Print the table, note the load at the end, write ``--json`` if asked; the exit status."""
+    print(table_text)
+    machine["loadavg_end"] = list(os.getloadavg())
+    if args.json:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        payload = {"benchmark": benchmark, "machine": machine, "timing": timing, "argv": argv, "results": results}
+        write_json(args.json, payload)
+    return 0
+
+
 def progress(iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
     """tqdm when installed (on stderr), else the iterable with a one-line counter."""
     try:
