@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import os
 import sys
 
@@ -165,10 +164,7 @@ IMPLEMENTATIONS = {
     "triton (public)": lambda: _public("triton", stats=False),
     "cuda (emulated)": lambda: _cuda_emulated,
 }
-BASELINES = {
-    "reference backend": lambda: _public("reference", stats=False),
-    "official (autograd)": lambda: _official,
-}
+BASELINES = {"reference backend": lambda: _public("reference", stats=False), "official (autograd)": lambda: _official}
 
 
 def _needs(name: str) -> None:
