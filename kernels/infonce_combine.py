@@ -29,14 +29,16 @@ from .runtime import LN2, log1p
 
 
 @triton.jit
-def _merge_positive(pos, pos2, m_neg, l_neg, acc_neg, kp, scale):
-    """(loss (BLOCK_M,), lse (BLOCK_M,), delta (BLOCK_M, D_PAD)) of rows from their negatives' part:
-    the log2-domain max m_neg their sums are relative to (-inf when there are none; the combine's
-    includes pos2), l_neg = sum_j exp2(c*q.n_j - m_neg) and
-    acc_neg = sum_j exp2(c*q.n_j - m_neg)*n_j, and the positive's logit pos = q.k (pos2 = c*pos) and
-    row kp (fp32). With m = max(m_neg, pos2), w = exp2(m_neg - m), w0 = exp2(pos2 - m):
+def _merge_positive(pos, pos2, m_neg, l_neg, scale):
+    """(loss, lse, a, b), each (BLOCK_M,), of rows from their negatives' part and their positive, with
+    delta = O - k = a*acc_neg + b*k (the caller applies it: acc scaled in place, then k added, which
+    keeps the fused epilogue's registers where they were).
+
+    m_neg: the log2-domain max the negatives' sums are relative to (-inf when there are none; the
+    combine's includes pos2); l_neg = sum_j exp2(c*q.n_j - m_neg), acc_neg = sum_j exp2(c*q.n_j - m_neg)*n_j;
+    pos = q.k, pos2 = c*pos. With m = max(m_neg, pos2), w = exp2(m_neg - m), w0 = exp2(pos2 - m):
         loss  = ln2*(m - pos2) + log1p(w*l_neg + (w0 - 1))   (= log1p(l_neg) when pos is the max)
-        delta = (acc_neg - l_neg*kp) * w / (w0 + w*l_neg)
+        delta = (acc_neg - l_neg*k) * w / (w0 + w*l_neg)      (a = w / (w0 + w*l_neg), b = -l_neg*a)
     The positive is never a term of a sum that is then subtracted (docs/design.md "Numerics").
     Shared by the combine kernel and the split kernel's FINALIZE epilogue."""
     m = tl.maximum(m_neg, pos2)
@@ -45,8 +47,8 @@ def _merge_positive(pos, pos2, m_neg, l_neg, acc_neg, kp, scale):
     l_all = l_neg * w
     # w0 - 1 is exactly 0 when the positive is the max, so K = 0 gives log1p(0) = 0.
     loss = (m - pos2) * LN2 + log1p(l_all + tl.where(m > pos2, w0 - 1.0, 0.0))
-    delta = (acc_neg - l_neg[:, None] * kp) * (w / (w0 + l_all))[:, None]
-    return loss, pos * scale + loss, delta
+    a = w / (w0 + l_all)
+    return loss, pos * scale + loss, a, -l_neg * a
 
 
 @triton.jit
@@ -101,11 +103,11 @@ def infonce_combine_kernel(
             rank += tl.load(r_ptr + sm_off, mask=sm_mask, other=0)
             o = tl.load(o_ptr + s.to(tl.int64) * B * d + rc_off, mask=mask & s_ok, other=0.0)
             acc += o * w[:, None]
+    loss, lse, a, b = _merge_positive(pos, pos2, m_all, l_all, scale)
     kp = tl.load(k_ptr + rc_off, mask=mask, other=0.0).to(tl.float32)
-    loss, lse, delta = _merge_positive(pos, pos2, m_all, l_all, acc, kp, scale)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(delta_ptr + rc_off, delta, mask=mask)
+    tl.store(delta_ptr + rc_off, acc * a[:, None] + kp * b[:, None], mask=mask)
     tl.store(rank_ptr + rows, rank.to(tl.int64), mask=row_ok)
 
 

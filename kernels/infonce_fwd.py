@@ -157,10 +157,13 @@ def infonce_fwd_split_kernel(
         nt_ptrs += BLOCK_N * d
 
     if FINALIZE:
-        # Single split: merge the positive x_0 = k_i here (k reloaded, not kept live in the loop).
-        kp = tl.load(k_ptr + rc_off, mask=qk_mask, other=0.0).to(tl.float32)
-        loss, lse, delta = _merge_positive(pos, pos * qk_scale, m_i, l_i, acc, kp, scale)
-        tl.store(o_ptr + rc_off, delta, mask=qk_mask)
+        # Single split: merge the positive x_0 = k_i here (k reloaded, not kept live in the loop; the
+        # accumulator scaled in place before k is loaded: the registers of the old O epilogue).
+        loss, lse, a, b = _merge_positive(pos, pos * qk_scale, m_i, l_i, scale)
+        acc = acc * a[:, None]
+        kp = tl.load(k_ptr + rc_off, mask=qk_mask, other=0.0)
+        acc += kp.to(tl.float32) * b[:, None]
+        tl.store(o_ptr + rc_off, acc, mask=qk_mask)
         tl.store(m_ptr + rows, loss, mask=row_ok)
         tl.store(l_ptr + rows, lse, mask=row_ok)
         tl.store(r_ptr + rows, rank.to(tl.int64), mask=row_ok)
