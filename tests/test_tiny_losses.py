@@ -26,6 +26,8 @@ over the grid (the table in the README).
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import itertools
 import os
 import sys
@@ -38,7 +40,6 @@ if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py does, before triton's import
 
 import moco_fast  # noqa: E402
-from moco_fast import torch_backend  # noqa: E402
 from moco_fast.reference import reference_info_nce  # noqa: E402
 
 TOL = 1e-5
@@ -100,13 +101,18 @@ def row_errors(temperature, num_keys, queue, loss, dq) -> tuple[torch.Tensor, to
 # ------------------------------------------------------------------------------------------------
 
 
-def _public(backend: str, stats: bool):
+def _on(device, *tensors):
+    return tuple(t.to(device) for t in tensors)
+
+
+def _public(backend: str, stats: bool, device: str = "cpu"):
     def run(q, k, n, g, temperature):
+        q, k, n, g = _on(device, q, k, n, g)
         qq = q.clone().requires_grad_()
         out = moco_fast.info_nce(qq, k, n, temperature, reduction="none", backend=backend, return_stats=stats)
         loss = out[0] if stats else out
         (dq,) = torch.autograd.grad((loss * g).sum(), qq)
-        return loss, dq
+        return _on("cpu", loss, dq)
 
     return run
 
@@ -119,31 +125,10 @@ def _official(q, k, n, g, temperature):
     return loss, dq
 
 
-def _contract(module, **forward_kwargs):
-    """A backend module's forward and backward contract functions called directly."""
-
-    def run(q, k, n, g, temperature):
-        scale = 1.0 / temperature
-        loss, _, delta, _ = module.infonce_forward(q, k, n, scale, **forward_kwargs)
-        dq, _ = module.infonce_backward(g, q, k, loss, delta, scale)
-        return loss, dq
-
-    return run
-
-
-def _triton(**forward_kwargs):
+def _triton_device() -> str:
     import moco_fast.kernels as KN
 
-    return _contract(KN, **forward_kwargs)
-
-
-def _cuda_emulated(q, k, n, g, temperature):
-    """csrc/infonce.cu's forward (split + combine) as emulated in test_cuda_ext, then its dq formula."""
-    from test_cuda_ext import _emulate_forward
-
-    scale = 1.0 / temperature
-    loss, _, delta, _, _ = _emulate_forward(q, k, n, scale, "ieee", sms=8)
-    return loss, (g * scale)[:, None] * delta
+    return "cpu" if KN.INTERPRETED else "cuda"
 
 
 def _small_tiles():
@@ -152,15 +137,63 @@ def _small_tiles():
     return H.TileConfig(16, 16, 4, 1)
 
 
+def _contract(module: str, device, **forward_kwargs):
+    """(q, k, n, g, T) -> (loss, delta, dq, dk) on the CPU from backend ``module``'s forward and backward
+    contract functions, run on ``device`` (a callable: decided when the backend is known to be there)."""
+
+    def run(q, k, n, g, temperature):
+        q, k, n, g = _on(device(), q, k, n, g)
+        backend, scale = importlib.import_module(module), 1.0 / temperature
+        loss, _, delta, _ = backend.infonce_forward(q, k, n, scale, **forward_kwargs)
+        dq, dk = backend.infonce_backward(g, q, k, loss, delta, scale)
+        return _on("cpu", loss, delta, dq, dk)
+
+    return run
+
+
+def _cuda_emulated(q, k, n, g, temperature):
+    """csrc/infonce.cu's forward (split + combine) as emulated in test_cuda_ext, and its dq/dk formulas
+    (infonce_bwd_kernel): (loss, delta, dq, dk)."""
+    from test_cuda_ext import _emulate_forward
+
+    scale = 1.0 / temperature
+    loss, _, delta, _, _ = _emulate_forward(q, k, n, scale, "ieee", sms=8)
+    gs = g * scale
+    return loss, delta, gs[:, None] * delta, (gs * torch.expm1(-loss))[:, None] * q
+
+
+CONTRACTS = {
+    "torch (contract)": lambda: _contract("moco_fast.torch_backend", lambda: "cpu", need_rank=True),
+    "triton (fused)": lambda: _contract("moco_fast.kernels", _triton_device, num_splits=1, fuse=True),
+    "triton (1 split + combine)": lambda: _contract("moco_fast.kernels", _triton_device, num_splits=1, fuse=False),
+    "triton (7 splits + combine)": lambda: _contract(
+        "moco_fast.kernels", _triton_device, num_splits=7, config=_small_tiles()
+    ),
+    "cuda (emulated)": lambda: _cuda_emulated,
+    "cuda (GPU)": lambda: _contract("moco_fast.cuda_ext", lambda: "cuda"),
+}
+
+
+def _loss_and_dq(contract):
+    """An IMPLEMENTATIONS entry from a CONTRACTS one."""
+
+    def make():
+        run = contract()
+
+        def loss_and_dq(*args):
+            loss, _, dq, _ = run(*args)
+            return loss, dq
+
+        return loss_and_dq
+
+    return make
+
+
 IMPLEMENTATIONS = {
     "torch (blockwise)": lambda: _public("torch", stats=True),
     "torch (fused CPU attention)": lambda: _public("torch", stats=False),
-    "torch (contract)": lambda: _contract(torch_backend, need_rank=True),
-    "triton (fused)": lambda: _triton(num_splits=1, fuse=True),
-    "triton (1 split + combine)": lambda: _triton(num_splits=1, fuse=False),
-    "triton (7 splits + combine)": lambda: _triton(num_splits=7, config=_small_tiles()),
-    "triton (public)": lambda: _public("triton", stats=False),
-    "cuda (emulated)": lambda: _cuda_emulated,
+    **{name: _loss_and_dq(contract) for name, contract in CONTRACTS.items()},
+    "triton (public)": lambda: _public("triton", stats=False, device=_triton_device()),
 }
 BASELINES = {"reference backend": lambda: _public("reference", stats=False), "official (autograd)": lambda: _official}
 
@@ -171,10 +204,10 @@ def _needs(name: str) -> None:
         if not kernels.AVAILABLE or (not kernels.INTERPRETED and not torch.cuda.is_available()):
             pytest.skip("the triton backend cannot run here")
     if name.startswith("cuda"):
-        import importlib.util
-
         if importlib.util.find_spec("moco_fast._C") is None:
-            pytest.skip("the CUDA emulation reads the kernels' tiles from moco_fast._C, which was not built")
+            pytest.skip("moco_fast._C was not built (the emulation reads the kernels' tiles from it)")
+    if name == "cuda (GPU)" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
 
 
 def grid_errors(name: str, queue: str, min_loss: float = 0.0) -> tuple[float, float]:
@@ -193,14 +226,6 @@ def grid_errors(name: str, queue: str, min_loss: float = 0.0) -> tuple[float, fl
 # ------------------------------------------------------------------------------------------------
 # tests
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_the_grid_spans_both_regimes():
@@ -236,42 +261,26 @@ def test_ours_beat_the_official_formulation(queue):
         assert ours[0] < theirs[0] and ours[1] <= max(theirs[1], TOL), (ours, theirs)
 
 
-@pytest.mark.parametrize("name", [n for n in IMPLEMENTATIONS if "public" not in n and "attention" not in n])
+@pytest.mark.parametrize("name", list(CONTRACTS))
 def test_no_negatives_give_zero_loss_delta_and_gradients_exactly(name):
     """K = 0: loss 0, delta 0, dq 0 and dk = g/T·expm1(−0)·q = 0, bit for bit."""
     _needs(name)
     q, k, _, g = case(0.07, 1, "fp32")
-    n = torch.empty(0, DIM)
-    if name.startswith("cuda"):
-        from test_cuda_ext import _emulate_forward
-
-        loss, _, delta, _, _ = _emulate_forward(q, k, n, 1 / 0.07, "ieee", sms=8)
-    else:
-        module = torch_backend if name.startswith("torch") else pytest.importorskip("moco_fast.kernels")
-        kwargs = {"need_rank": True} if name.startswith("torch") else {}
-        loss, _, delta, _ = module.infonce_forward(q, k, n, 1 / 0.07, **kwargs)
-        dq, dk = module.infonce_backward(g, q, k, loss, delta, 1 / 0.07)
-        assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
-    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(delta, torch.zeros_like(delta))
+    for out in CONTRACTS[name]()(q, k, torch.empty(0, DIM), g, 0.07):
+        assert torch.equal(out, torch.zeros_like(out))
 
 
-@pytest.mark.parametrize("name", ["torch (contract)", "triton (fused)", "triton (7 splits + combine)"])
+@pytest.mark.parametrize("name", list(CONTRACTS))
 def test_key_gradient_is_accurate_when_the_loss_is_tiny(name):
     """dk = g/T·(p0 − 1)·q with p0 − 1 = expm1(−loss): as accurate as the loss (relative to ‖dk_i‖)."""
     _needs(name)
-    module = torch_backend if name.startswith("torch") else pytest.importorskip("moco_fast.kernels")
+    run = CONTRACTS[name]()
     for temperature, num_keys in GRID:
         q, k, n, g = case(temperature, num_keys, "fp32")
         k64 = k.double().requires_grad_()
         logits = torch.cat([(q.double() * k64).sum(1, keepdim=True), q.double() @ n.double().T], 1) / temperature
         (ref,) = torch.autograd.grad(((torch.logsumexp(logits, 1) - logits[:, 0]) * g.double()).sum(), k64)
-        kwargs = {"need_rank": True} if name.startswith("torch") else {}
-        if "splits" in name:
-            kwargs = {"num_splits": 7, "config": _small_tiles()}
-        elif name.startswith("triton"):
-            kwargs = {"num_splits": 1, "fuse": True}
-        loss, _, delta, _ = module.infonce_forward(q, k, n, 1 / temperature, **kwargs)
-        _, dk = module.infonce_backward(g, q, k, loss, delta, 1 / temperature)
+        dk = run(q, k, n, g, temperature)[3]
         err = ((dk.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
         assert err <= TOL, (temperature, num_keys, err)
 
