@@ -64,8 +64,8 @@ def raw_rows(KN, device, size, timing, errors) -> list[dict]:
             first = safe(f"fwd B={B} {dtype}", fwd, errors)
             if first is None:
                 continue
-            _, lse, out, _ = first  # contract v2: (loss, lse, out, rank)
-            bwd = lambda: KN.infonce_backward(grad, q, k, lse, out, scale)
+            loss, lse, delta, _ = first  # contract v3: (loss, lse, delta, rank)
+            bwd = lambda: KN.infonce_backward(grad, q, k, loss, delta, scale)
             both = lambda: (fwd(), bwd())
             dn = lambda: KN.infonce_backward_negatives(grad, q, queue, lse, scale)
             name = common.dtype_name(dtype)

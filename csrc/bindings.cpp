@@ -158,7 +158,7 @@ FwdOut infonce_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at:
   p.vec_n = p.d % 8 == 0 && aligned16(p.n);
   p.scale = scale;
   auto outputs = forward_outputs(q);
-  auto& [loss, lse, out, rank] = outputs;
+  auto& [loss, lse, delta, rank] = outputs;
   const int64_t B = p.B, d = p.d, nsplit = p.nsplit;
   if (B == 0) return outputs;
   // workspace: O (nsplit*B*d) + m, l, count (nsplit*B each) + pos (B), all 4-byte words
@@ -171,39 +171,39 @@ FwdOut infonce_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at:
   p.pos = reinterpret_cast<float*>(p.cpart + nsplit * B);
   p.loss = loss.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
-  p.out = out.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
   p.rank = rank.data_ptr<int64_t>();
   mf::infonce_forward_launch(p, c10::cuda::getCurrentCUDAStream(device.index()).stream());
   return outputs;
 }
 
+// dk is written in k's dtype and shape; k's values are not needed (dk = g scale expm1(-loss) q).
 std::tuple<at::Tensor, at::Tensor> infonce_backward(const at::Tensor& grad_in, const at::Tensor& q_in,
-                                                    const at::Tensor& k_in, const at::Tensor& lse_in,
-                                                    const at::Tensor& out_in, double scale) {
+                                                    const at::Tensor& k_in, const at::Tensor& loss_in,
+                                                    const at::Tensor& delta_in, double scale) {
   const at::Device device = q_in.device();
   check_matrix(q_in, "q", device);
   check_matrix(k_in, "k", device);
-  check_matrix(out_in, "out", device);
+  check_matrix(delta_in, "delta", device);
   check_cuda(grad_in, "grad", device);
-  check_cuda(lse_in, "lse", device);
+  check_cuda(loss_in, "loss", device);
   const int64_t B = q_in.size(0), d = q_in.size(1);
-  TORCH_CHECK(k_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "moco_fast_C: q, k and out must have one shape");
-  TORCH_CHECK(grad_in.numel() == B && lse_in.numel() == B, "moco_fast_C: grad and lse must have B = ", B,
+  TORCH_CHECK(k_in.sizes() == q_in.sizes() && delta_in.sizes() == q_in.sizes(),
+              "moco_fast_C: q, k and delta must have one shape");
+  TORCH_CHECK(grad_in.numel() == B && loss_in.numel() == B, "moco_fast_C: grad and loss must have B = ", B,
               " elements");
   const c10::cuda::CUDAGuard guard(device);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
-  const at::Tensor grad = grad_in.to(at::kFloat).contiguous(), lse = lse_in.to(at::kFloat).contiguous();
-  const at::Tensor out = out_in.to(at::kFloat).contiguous();
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k);
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous(), loss = loss_in.to(at::kFloat).contiguous();
+  const at::Tensor delta = delta_in.to(at::kFloat).contiguous();
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k_in, at::MemoryFormat::Contiguous);
   mf::BwdParams p{};
   p.grad = grad.data_ptr<float>();
   p.q = q.data_ptr();
-  p.k = k.data_ptr();
   p.qt = dtype_code(q, "q", false);
-  p.kt = dtype_code(k, "k", false);
-  p.lse = lse.data_ptr<float>();
-  p.out = out.data_ptr<float>();
+  p.kt = dtype_code(k_in, "k", false);
+  p.loss = loss.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
   p.B = B;
   p.d = static_cast<int>(d);
   p.scale = static_cast<float>(scale);
@@ -335,10 +335,11 @@ TORCH_LIBRARY(moco_fast_C, m) {
   // The plan (compute, num_splits, keys_per_split) comes from kernels/heuristics.py cuda_fwd_plan.
   m.def(
       "infonce_forward(Tensor q, Tensor k, Tensor negatives, float scale, str compute, int num_splits, "
-      "int keys_per_split) -> (Tensor loss, Tensor lse, Tensor out, Tensor rank)");
+      "int keys_per_split) -> (Tensor loss, Tensor lse, Tensor delta, Tensor rank)");
   // No tensor arguments: a catch-all kernel, callable on any machine (device < 0: no occupancy query).
   m.def("infonce_forward_tile(str compute, int d, int device=-1) -> int[]", &infonce_forward_tile);
-  m.def("infonce_backward(Tensor grad, Tensor q, Tensor k, Tensor lse, Tensor out, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "infonce_backward(Tensor grad, Tensor q, Tensor k, Tensor loss, Tensor delta, float scale) -> (Tensor, Tensor)");
   m.def("infonce_backward_negatives(Tensor grad, Tensor q, Tensor negatives, Tensor lse, float scale) -> Tensor");
   m.def("momentum_update_(Tensor(a!)[] targets, Tensor[] sources, float momentum) -> ()");
   m.def("enqueue_(Tensor(a!) queue, Tensor(b!) ptr, Tensor(c!) count, Tensor keys, bool normalize) -> Tensor");

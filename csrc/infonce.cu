@@ -7,13 +7,17 @@
 //   p = exp2(t - m), running sum l, P in shared memory -> O += P N (tensor cores, fp32 accumulators).
 // The running max is rescaled lazily: O and l are only rescaled when a row's max grows by more than
 // kRescaleThreshold (log2 units), so p <= 2^8 and the O round trip through shared memory is rare.
-// Each block writes its partial (m, l, O, count) for its rows; the combine kernel merges the chunks with
-// the positive logit (m = t0, l = 1, O = k_i) and writes loss = lse - scale*q_i.k_i, lse (natural log),
-// out = O/l and rank. The chunking (nsplit, chunk) is the caller's plan (kernels/heuristics.py
-// cuda_fwd_plan), checked by bindings.cpp against fwd_tile().
+// Each block writes its partial (m, l, O, count) of the negatives for its rows; the combine kernel merges
+// the chunks and then the positive logit t0, kept apart from the negatives' sums so that nothing cancels
+// when it dominates (docs/design.md "Numerics"): with M = max(t0, m_s), L = sum_s l_s 2^(m_s - M) and
+// w0 = 2^(t0 - M), loss = ln2 (M - t0) + log1p(L + w0 - 1) (= log1p(L) when the positive is the max),
+// lse = ln2 t0 + loss and delta = O - k = (sum_s 2^(m_s - M) O_s - L k) / (w0 + L), plus the rank.
+// The chunking (nsplit, chunk) is the caller's plan (kernels/heuristics.py cuda_fwd_plan), checked by
+// bindings.cpp against fwd_tile().
 //
-// Backward: dq/dk are O(B*d) from (lse, out) (one warp per row); dn (negatives with grad, rare) recomputes
-// the probabilities column-parallel with FFMA (one block per 32 keys, loop over all rows, no atomics).
+// Backward: dq = g scale delta and dk = g scale expm1(-loss) q are O(B*d) (one warp per row); dn (negatives
+// with grad, rare) recomputes the probabilities column-parallel with FFMA (one block per 32 keys, loop over
+// all rows, no atomics).
 #include <mma.h>
 
 #include <type_traits>
@@ -484,8 +488,8 @@ __device__ __forceinline__ float block_reduce(float v, float* red) {
   return v;
 }
 
-// One block per row: merge the positive (m = t0, l = 1, O = k) with the nsplit partials; write loss, lse,
-// out and rank of the row. K = 0 (nsplit = 0): M = t0, L = 1, so loss = 0 exactly and out = k.
+// One block per row: merge the nsplit partials of the negatives, then the positive t0 apart from them; write
+// loss, lse, delta and rank of the row. K = 0 (nsplit = 0): M = t0, L = 0, so loss = 0 and delta = 0 exactly.
 __global__ void __launch_bounds__(kCombineThreads) infonce_combine_kernel(const FwdParams p) {
   extern __shared__ float w_s[];  // nsplit chunk weights
   __shared__ float red[kCombineThreads / 32];
@@ -518,18 +522,20 @@ __global__ void __launch_bounds__(kCombineThreads) infonce_combine_kernel(const 
   }
   if (cnt) atomicAdd(&cnt_s, cnt);
   const float w0 = exp2f(t0 - M);
-  L = block_reduce<false>(L, red) + w0;  // its barriers also publish w_s and cnt_s
-  const float inv = 1.f / L;
+  L = block_reduce<false>(L, red);  // the negatives' sum relative to M; its barriers also publish w_s, cnt_s
+  const float inv = 1.f / (w0 + L);
   for (int c = tid; c < d; c += kCombineThreads) {
-    float o = w0 * ld1(p.k, p.kt, row * d + c);
+    float o = -L * ld1(p.k, p.kt, row * d + c);  // sum_j e_j (n_j - k): the positive's term is 0
     for (int s = 0; s < p.nsplit; ++s) o = fmaf(w_s[s], p.opart[(s * B + row) * d + c], o);
-    p.out[row * d + c] = o * inv;
+    p.delta[row * d + c] = o * inv;
   }
   if (tid == 0) {
-    const float log2_l = p.nsplit > 0 ? log2f(L) : 0.f;  // L = 1 exactly when there are no negatives
-    p.lse[row] = (M + log2_l) * kLn2;
-    // In log2 units relative to the max, so no cancellation of two large numbers (and NaN stays NaN).
-    p.loss[row] = (M - t0 + log2_l) * kLn2;
+    // w0 - 1 is exactly 0 when the positive is the max (then M = t0): K = 0 gives log1pf(0) = 0. log1pf is
+    // the accurate libdevice function under --use_fast_math too (only logf/log2f/expf... become intrinsics).
+    // NaN stays NaN (t0 or L).
+    const float loss = (M - t0) * kLn2 + log1pf(L + (M > t0 ? w0 - 1.f : 0.f));
+    p.loss[row] = loss;
+    p.lse[row] = t0 * kLn2 + loss;
     p.rank[row] = static_cast<int64_t>(cnt_s);
   }
 }
@@ -574,22 +580,19 @@ void allow_fwd_smem() {
 
 constexpr int kBwdWarps = 8;
 
-// dq = g*scale*(out - k) in q's dtype, dk = g*scale*(p0 - 1)*q in k's dtype; one warp per row.
+// dq = g*scale*delta in q's dtype, dk = g*scale*(p0 - 1)*q in k's dtype with p0 - 1 = expm1(-loss) (exact for
+// a tiny loss, 0 when K = 0); one warp per row. Neither k nor the negatives are read.
 __global__ void __launch_bounds__(kBwdWarps * 32) infonce_bwd_kernel(const BwdParams p) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kBwdWarps + threadIdx.x / 32;
   if (row >= p.B) return;  // whole warp leaves together
   const int d = p.d;
-  float dot = 0.f;
-  for (int c = lane; c < d; c += 32) dot = fmaf(ld1(p.q, p.qt, row * d + c), ld1(p.k, p.kt, row * d + c), dot);
-  dot = group_sum<32>(dot);
   const float gs = p.grad[row] * p.scale;
-  const float p0m1 = expm1f(dot * p.scale - p.lse[row]);  // p0 - 1, accurate when p0 is close to 1
+  const float gp = gs * expm1f(-p.loss[row]);
   for (int c = lane; c < d; c += 32) {
     const int64_t i = row * d + c;
-    const float qv = ld1(p.q, p.qt, i), kv = ld1(p.k, p.kt, i);
-    st1(p.dq, p.qt, i, gs * (p.out[i] - kv));
-    st1(p.dk, p.kt, i, gs * p0m1 * qv);
+    st1(p.dq, p.qt, i, gs * p.delta[i]);
+    st1(p.dk, p.kt, i, gp * ld1(p.q, p.qt, i));
   }
 }
 

@@ -55,9 +55,9 @@ struct FwdParams {
   int* cpart;
   float* pos;
   // outputs
-  float* loss;  // lse - scale * q_i.k_i (0 exactly when K == 0)
+  float* loss;   // lse - scale * q_i.k_i, the positive kept apart from the negatives (0 exactly when K == 0)
   float* lse;
-  float* out;
+  float* delta;  // O - k = sum_j softmax_ij (n_j - k_i), (B, d) (0 exactly when K == 0)
   int64_t* rank;
 };
 
@@ -67,10 +67,9 @@ void infonce_forward_launch(const FwdParams& p, cudaStream_t stream);
 struct BwdParams {
   const float* grad;
   const void* q;
-  const void* k;
-  int qt, kt;
-  const float* lse;
-  const float* out;
+  int qt, kt;          // dtypes of q and k (dk is written in k's dtype; k itself is not read)
+  const float* loss;   // (B,) the forward's per-row loss
+  const float* delta;  // (B, d) the forward's O - k
   int64_t B;
   int d;
   float scale;

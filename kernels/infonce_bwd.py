@@ -1,10 +1,12 @@
 """InfoNCE backward.
 
 infonce_bwd_qk_kernel -- the usual case (the negatives are a stop-gradient queue). Because the
-forward saved lse and out = sum_j softmax_ij x_j, the gradients are O(B*d) elementwise:
-    dq_i = g_i * scale * (out_i - k_i)                    (B, d) in q.dtype
-    dk_i = g_i * scale * (p0_i - 1) * q_i,  p0_i = exp(scale*q_i.k_i - lse_i)   (B, d) in k.dtype
-    grad (B,) fp32, q/k (B, d) fp32|bf16|fp16, lse (B,) fp32, out (B, d) fp32.
+forward saved loss and delta = O - k = sum_j softmax_ij (n_j - k_i), the gradients are O(B*d)
+elementwise and read neither k nor the negatives:
+    dq_i = g_i * scale * delta_i                                  (B, d) in q.dtype
+    dk_i = g_i * scale * (p0_i - 1) * q_i,  p0_i - 1 = expm1(-loss_i)   (B, d) in k.dtype
+    grad (B,) fp32, q (B, d) fp32|bf16|fp16, loss (B,) fp32, delta (B, d) fp32.
+expm1 keeps dk exact when the loss is tiny (and exactly 0 when K = 0: loss = 0).
 One program per BLOCK_M rows; one launch for both outputs.
 
 infonce_bwd_negatives_kernel -- only when the negatives require grad:
@@ -28,12 +30,12 @@ from moco_fast import numerics
 from . import heuristics as H
 from . import runtime as R
 from .infonce_fwd import _dot
-from .runtime import LOG2E
+from .runtime import LOG2E, expm1
 
 
 @triton.jit
 def infonce_bwd_qk_kernel(
-    g_ptr, q_ptr, k_ptr, lse_ptr, out_ptr, dq_ptr, dk_ptr, B, d, scale, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr
+    g_ptr, q_ptr, loss_ptr, delta_ptr, dq_ptr, dk_ptr, B, d, scale, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -43,13 +45,11 @@ def infonce_bwd_qk_kernel(
     off = rows.to(tl.int64)[:, None] * d + cols[None, :]
 
     gs = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * scale
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    loss = tl.load(loss_ptr + rows, mask=row_ok, other=0.0)
     q = tl.load(q_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    kp = tl.load(k_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + off, mask=mask, other=0.0)
-    p0 = tl.exp(tl.sum(q * kp, axis=1) * scale - lse)
-    dq = gs[:, None] * (out - kp)
-    dk = (gs * (p0 - 1.0))[:, None] * q
+    delta = tl.load(delta_ptr + off, mask=mask, other=0.0)
+    dq = gs[:, None] * delta
+    dk = (gs * expm1(-loss))[:, None] * q
     tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=mask)
     tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=mask)
 
@@ -107,9 +107,10 @@ def infonce_bwd_negatives_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def infonce_backward(grad, q, k, lse, out, scale):
+def infonce_backward(grad, q, k, loss, delta, scale):
     """(dq in q.dtype, dk in k.dtype), both (B, d), from grad (B,) (any float dtype, any stride),
-    q, k (B, d) and the forward's lse (B,) fp32 and out (B, d) fp32; scale = 1/temperature."""
+    q, k (B, d) and the forward's loss (B,) fp32 and delta (B, d) fp32; scale = 1/temperature.
+    (k gives dk's dtype and shape; its values are not read.)"""
     B, d = q.shape
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -122,9 +123,8 @@ def infonce_backward(grad, q, k, lse, out, scale):
         infonce_bwd_qk_kernel[(H.cdiv(B, bm),)](
             grad,
             q,
-            k,
-            lse.contiguous(),
-            out.contiguous(),
+            loss.contiguous(),
+            delta.contiguous(),
             dq,
             dk,
             B,

@@ -19,11 +19,13 @@ Shapes / dtypes (row-major, contiguous, row stride d):
         r_part          (S, B)    int32
         pos             (B,)      fp32  q_i.k_i, written by split 0 only
     final outputs (FINALIZE=True, only with a single split): the positive is merged here and the
-        pointers mean m_ptr -> loss (B,) fp32, l_ptr -> lse (B,) fp32, o_ptr -> out (B, d) fp32,
+        pointers mean m_ptr -> loss (B,) fp32, l_ptr -> lse (B,) fp32, o_ptr -> delta (B, d) fp32,
         r_ptr -> rank (B,) int64 (pos_ptr is unused).
 
-loss_i = lse_i - scale*q_i.k_i is formed as ln(2) * (m - c*q.k + log2(l)) with m >= c*q.k: never
-negative, exactly 0 when K = 0 (then m = c*q.k and l = 1), and lse = scale*q.k + loss.
+The sweep holds the negatives only; the positive joins at the end (infonce_combine._merge_positive):
+loss_i = ln2*(m - c*q.k) + log1p(l_neg + exp2(c*q.k - m) - 1) with m = max(c*q.k, max_j c*q.n_j), i.e.
+log1p(l_neg) when the positive is the max (no lse - pos cancellation when it dominates), exactly 0 when
+K = 0; lse = scale*q.k + loss; delta = O - k = (acc - l_neg*k) / (exp2(c*q.k - m) + l_neg).
 
 Dot dtype (DOT_DTYPE): the torch promotion of (q.dtype, n.dtype). Two equal half types run the dots
 on tensor cores in that type (p is cast to it for p@N, as flash attention does); anything mixed
@@ -47,7 +49,7 @@ from moco_fast import numerics
 
 from . import heuristics as H
 from . import runtime as R
-from .infonce_combine import _row_loss, combine_
+from .infonce_combine import _merge_positive, combine_
 
 
 @triton.jit
@@ -155,16 +157,12 @@ def infonce_fwd_split_kernel(
         nt_ptrs += BLOCK_N * d
 
     if FINALIZE:
-        # Single split: merge the positive x_0 = k_i here (k reloaded, not kept live in the loop).
-        pos2 = pos * qk_scale
-        m_f = tl.maximum(m_i, pos2)
-        w0 = tl.exp2(pos2 - m_f)
-        w = tl.exp2(m_i - m_f)
-        l_f = l_i * w + w0
-        acc = acc * (w / l_f)[:, None]
+        # Single split: merge the positive x_0 = k_i here (k reloaded, not kept live in the loop; the
+        # accumulator scaled in place before k is loaded: the registers of the old O epilogue).
+        loss, lse, a, b = _merge_positive(pos, pos * qk_scale, m_i, l_i, scale)
+        acc = acc * a[:, None]
         kp = tl.load(k_ptr + rc_off, mask=qk_mask, other=0.0)
-        acc += kp.to(tl.float32) * (w0 / l_f)[:, None]
-        loss, lse = _row_loss(pos, pos2, m_f, l_f, scale)
+        acc += kp.to(tl.float32) * b[:, None]
         tl.store(o_ptr + rc_off, acc, mask=qk_mask)
         tl.store(m_ptr + rows, loss, mask=row_ok)
         tl.store(l_ptr + rows, lse, mask=row_ok)
@@ -203,10 +201,11 @@ def plan_forward(q: torch.Tensor, negatives: torch.Tensor, *, num_splits=None, c
 
 
 def infonce_forward(q, k, negatives, scale, need_rank=True, *, num_splits=None, config=None, fuse=None):
-    """(loss (B,) fp32, lse (B,) fp32, out (B, d) fp32, rank (B,) int64) of q, k (B, d) against
+    """(loss (B,) fp32, lse (B,) fp32, delta (B, d) fp32, rank (B,) int64) of q, k (B, d) against
     negatives (K, d), all fp32/bf16/fp16 and contiguous; scale = 1/temperature.
 
-    loss_i = lse_i - scale*q_i.k_i is written by the kernels (exactly 0 when K = 0). The rank is
+    loss_i = lse_i - scale*q_i.k_i and delta_i = O_i - k_i are written by the kernels with the positive
+    kept apart from the negatives (module docstring; exactly 0 when K = 0). The rank is
     counted for free by the sweep, so ``need_rank`` is accepted and ignored. num_splits / config
     (a heuristics.TileConfig) / fuse (finalize a single split in the split kernel) override the
     heuristics (tests, autotuning). One launch when the plan is fused, else split + combine.
@@ -221,10 +220,10 @@ def infonce_forward(q, k, negatives, scale, need_rank=True, *, num_splits=None, 
     K = negatives.shape[0]
     loss = torch.empty(B, dtype=torch.float32, device=dev)
     lse = torch.empty(B, dtype=torch.float32, device=dev)
-    out = torch.empty(B, d, dtype=torch.float32, device=dev)
+    delta = torch.empty(B, d, dtype=torch.float32, device=dev)
     rank = torch.empty(B, dtype=torch.int64, device=dev)
     if B == 0:
-        return loss, lse, out, rank
+        return loss, lse, delta, rank
     scale = float(scale)
     qk_scale = scale * numerics.LOG2E
     meta = _split_meta(plan, dot, prec)
@@ -234,17 +233,17 @@ def infonce_forward(q, k, negatives, scale, need_rank=True, *, num_splits=None, 
         if plan.fused:
             # K == 0 lands here too (or in the combine below): the loop is empty, only the positive counts.
             infonce_fwd_split_kernel[grid](
-                q, k, negatives, loss, lse, out, rank, lse, B, K, d, kps, scale, qk_scale, **meta
+                q, k, negatives, loss, lse, delta, rank, lse, B, K, d, kps, scale, qk_scale, **meta
             )
-            return loss, lse, out, rank
+            return loss, lse, delta, rank
         ws = torch.empty(plan.ws_size, dtype=torch.float32, device=dev)
         m_part, l_part = ws[plan.m_off : plan.l_off], ws[plan.l_off : plan.r_off]
         r_part, pos = ws[plan.r_off : plan.pos_off].view(torch.int32), ws[plan.pos_off :]
         infonce_fwd_split_kernel[grid](
             q, k, negatives, m_part, l_part, ws, r_part, pos, B, K, d, kps, scale, qk_scale, **meta
         )
-        combine_(plan, m_part, l_part, ws, r_part, pos, k, loss, lse, out, rank, scale, qk_scale)
-    return loss, lse, out, rank
+        combine_(plan, m_part, l_part, ws, r_part, pos, k, loss, lse, delta, rank, scale, qk_scale)
+    return loss, lse, delta, rank
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@
 - fp32_precision(): the user's float32 matmul precision ("ieee" | "tf32"), read without raising.
 - dot_kernel_meta(...): the constexprs / launch options every kernel with dots takes.
 - LOG2E / LN2 as tl.constexpr globals for the kernels, derived from moco_fast.numerics.
+- log1p / expm1: the two functions that keep a tiny loss exact, from tl.log / tl.exp (libdevice has
+  them, but the interpreter runs no libdevice call).
 """
 
 from __future__ import annotations
@@ -29,6 +31,26 @@ LN2 = tl.constexpr(numerics.LN2)  # log(x) == log2(x) * LN2
 @triton.jit
 def _probe():
     pass
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) to a few ulps for x > -1 (Kahan: the rounding of u = 1 + x cancels in
+    log(u)·x/(u − 1)); tl.log is libdevice's accurate logf on NVIDIA under triton 3.6 and 3.8."""
+    u = 1.0 + x
+    exact = u == 1.0  # x below half an ulp of 1: log1p(x) = x (the safe divisor keeps 0/0 out)
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) − 1 to a few ulps (Kahan: (u − 1)·x/log(u) with u = exp(x), whose own rounding cancels);
+    -1 once exp(x) rounds to 0."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    edge = (u == 1.0) | (um1 == -1.0)  # x below half an ulp (expm1 = x), or exp(x) underflowed (-1)
+    ratio = x / tl.where(edge, 1.0, tl.log(u))  # the safe divisor keeps x/0 and x/-inf out
+    return tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, um1 * ratio))
 
 
 # @triton.jit returns an InterpretedFunction when TRITON_INTERPRET=1 was set before triton's import

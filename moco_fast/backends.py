@@ -16,17 +16,23 @@ The functions are called (by ``moco_fast.ops`` and the modules) with arguments t
 validated: same device, 2-D, contiguous, matching d, and within the declared support. A backend
 function never hands work to another backend: given an input it cannot serve it raises.
 
-``infonce_forward(q, k, negatives, scale, need_rank=True) -> (loss, lse, out, rank)``
+``infonce_forward(q, k, negatives, scale, need_rank=True) -> (loss, lse, delta, rank)``
     q, k: (B, d), negatives: (K, d), any of fp32/bf16/fp16; scale = 1/temperature (Python float).
-    Row i's logits are scale·[q_i·k_i, q_i·n_0, …, q_i·n_{K-1}] (fp32 accumulation).
-    loss: (B,) fp32 per-row loss lse_i − scale·q_i·k_i, computed by the backend itself;
-    lse: (B,) fp32 natural-log logsumexp of the row; out: (B, d) fp32 = Σ_j softmax_ij·x_j over
-    x = [k_i, n_0, …]; rank: (B,) int64 = #{j : logit of n_j > logit of k_i}. With
-    ``need_rank=False`` a backend that saves time by skipping the rank may return -1s.
-    (fp64 inputs, torch backend only: loss, lse and out are fp64.)
-``infonce_backward(grad, q, k, lse, out, scale) -> (dq, dk)``
-    grad: (B,) fp32 gradient of the per-row loss. dq = grad·scale·(out − k) in q.dtype;
-    dk = grad·scale·(p0 − 1)·q in k.dtype with p0 = exp(scale·q_i·k_i − lse_i).
+    Row i's logits are scale·[q_i·k_i, q_i·n_0, …, q_i·n_{K-1}] (fp32 accumulation), pos_i the first.
+    The positive is kept apart from the negatives (docs/design.md "Numerics"): with
+    m = max(pos, max_j s_j), l_neg = Σ_j exp(s_j − m) and w0 = exp(pos − m),
+    loss: (B,) fp32 per-row loss (m − pos) + log1p(l_neg + expm1(pos − m)) (= lse − pos, computed
+    without cancelling when the positive dominates), by the backend itself;
+    lse: (B,) fp32 natural-log logsumexp of the row;
+    delta: (B, d) fp32 = O − k = Σ_j softmax_ij·(n_j − k_i) = (Σ_j exp(s_j − m)·n_j − l_neg·k_i) / (w0 + l_neg)
+    (O = Σ softmax·x over x = [k_i, n_0, …]; never formed as O − k);
+    rank: (B,) int64 = #{j : logit of n_j > logit of k_i}. With ``need_rank=False`` a backend that
+    saves time by skipping the rank may return -1s. K = 0 gives loss 0 and delta 0 exactly.
+    Per-row loss and delta within 1e-5 of float64 relative to |loss_i| and ‖delta_i‖ at any loss size
+    (fp32 IEEE dots). (fp64 inputs, torch backend only: loss, lse and delta are fp64.)
+``infonce_backward(grad, q, k, loss, delta, scale) -> (dq, dk)``
+    grad: (B,) fp32 gradient of the per-row loss; loss, delta: the forward's. dq = grad·scale·delta in
+    q.dtype; dk = grad·scale·(p0 − 1)·q in k.dtype with p0 − 1 = expm1(−loss) (exactly 0 when K = 0).
 ``infonce_backward_negatives(grad, q, negatives, lse, scale) -> dn``
     dn_j = scale·Σ_i grad_i·softmax_ij·q_i, (K, d) in negatives.dtype (recomputes the logits blockwise).
 ``momentum_update_(targets, sources, momentum, exact=False) -> None``

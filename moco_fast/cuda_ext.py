@@ -19,7 +19,8 @@ Compute types of the InfoNCE forward (``kernels.heuristics.cuda_fwd_compute``):
 * any other mix (some operand fp32, or bf16 with fp16): both operands are converted to fp32 (exact for
   16-bit inputs); the dots then follow ``moco_fast.numerics.fp32_matmul_precision()``: TF32 tensor cores
   for "tf32", IEEE fp32 FFMA for "ieee".
-* the positive logit q_i·k_i, all sums, loss, lse and out are fp32 in every case.
+* the positive logit q_i·k_i, all sums, loss, lse and delta are fp32 in every case; the combine kernel
+  merges the positive apart from the negatives' sums (loss and delta = O − k exact when it dominates).
 
 The launch plan (compute type, key splits) is made here, in Python, by ``kernels.heuristics.cuda_fwd_plan``
 from the kernel's tile facts (``torch.ops.moco_fast_C.infonce_forward_tile``), cached per problem shape,
@@ -124,19 +125,20 @@ def forward_plan(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor):
 
 
 def infonce_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, scale: float, need_rank: bool = True):
-    """(loss (B,), lse (B,), out (B, d), rank (B,) int64), all from the kernels; see moco_fast.backends.
+    """(loss (B,), lse (B,), delta (B, d), rank (B,) int64), all from the kernels; see moco_fast.backends.
 
     ``need_rank`` is accepted and ignored (the rank count is free in the kernels). K = 0 gives loss 0
-    exactly, lse = scale·q_i·k_i (fp32), out = k.
+    and delta 0 exactly, lse = scale·q_i·k_i (fp32).
     """
     plan = forward_plan(q, k, negatives)
     return _ops.infonce_forward(q, k, negatives, float(scale), plan.compute, plan.num_splits, plan.keys_per_split)
 
 
-def infonce_backward(grad, q, k, lse, out, scale):
-    """(dq in q.dtype, dk in k.dtype) from the saved lse and out."""
+def infonce_backward(grad, q, k, loss, delta, scale):
+    """(dq in q.dtype, dk in k.dtype) from the saved loss and delta: dq = g·scale·delta,
+    dk = g·scale·expm1(−loss)·q."""
     _check("infonce_backward", None, q=q, k=k)
-    return _ops.infonce_backward(grad, q, k, lse, out, float(scale))
+    return _ops.infonce_backward(grad, q, k, loss, delta, float(scale))
 
 
 def infonce_backward_negatives(grad, q, negatives, lse, scale):

@@ -4,9 +4,10 @@ Each op is one custom op whose string argument ``impl`` names the concrete backe
 (chosen by :func:`moco_fast.backends.select` before the call), so torch.compile and opcheck see one
 op whatever runs inside, and every backend — the "reference" too — goes through the same autograd.
 
-InfoNCE: ``moco_fast::info_nce_forward`` returns (loss, lse, out, rank) per row; its backward is
-``moco_fast::info_nce_backward`` (dq, dk from the saved lse and out: O(B·d), the negatives are never
-read again) and, only when the negatives require grad, ``moco_fast::info_nce_backward_negatives``.
+InfoNCE: ``moco_fast::info_nce_forward`` returns (loss, lse, delta, rank) per row (delta = O − k); its
+backward is ``moco_fast::info_nce_backward`` (dq, dk from the saved loss and delta: O(B·d), the
+negatives are never read again) and, only when the negatives require grad,
+``moco_fast::info_nce_backward_negatives`` (from the saved lse).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .validation import compute_dtype
 def info_nce_forward(
     q: Tensor, k: Tensor, negatives: Tensor, scale: float, impl: str, need_rank: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-row loss (B,), lse (B,), O (B, d) and rank (B,) int64 of InfoNCE; see moco_fast.backends.
+    """Per-row loss (B,), lse (B,), delta = O − k (B, d) and rank (B,) int64 of InfoNCE; see moco_fast.backends.
 
     With ``need_rank=False`` a backend may skip the rank and return -1s.
     """
@@ -44,15 +45,15 @@ def _(q, k, negatives, scale, impl, need_rank=True):
 
 @torch.library.custom_op("moco_fast::info_nce_backward", mutates_args=())
 def info_nce_backward(
-    grad: Tensor, q: Tensor, k: Tensor, lse: Tensor, out: Tensor, scale: float, impl: str
+    grad: Tensor, q: Tensor, k: Tensor, loss: Tensor, delta: Tensor, scale: float, impl: str
 ) -> tuple[Tensor, Tensor]:
-    """(dq, dk) from the saved lse and O: dq = g/T·(O − k), dk = g/T·(p0 − 1)·q."""
+    """(dq, dk) from the saved per-row loss and delta: dq = g/T·delta, dk = g/T·expm1(−loss)·q."""
     module = backends.module(impl)
-    return module.infonce_backward(grad.contiguous(), q.contiguous(), k.contiguous(), lse, out, scale)
+    return module.infonce_backward(grad.contiguous(), q.contiguous(), k.contiguous(), loss, delta, scale)
 
 
 @info_nce_backward.register_fake
-def _(grad, q, k, lse, out, scale, impl):
+def _(grad, q, k, loss, delta, scale, impl):
     return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -72,20 +73,22 @@ def _(grad, q, negatives, lse, scale, impl):
 
 def _setup_context(ctx, inputs, output):
     q, k, negatives, scale, impl, _ = inputs
-    _, lse, out, rank = output
+    loss, lse, delta, rank = output
     ctx.scale, ctx.impl = scale, impl
     ctx.negatives_need_grad = negatives.requires_grad
-    # The negatives are saved only when they need a gradient: the fast path never reads them again,
-    # so the queue may be overwritten right after the forward.
-    ctx.save_for_backward(q, k, lse, out, negatives if negatives.requires_grad else None)
-    ctx.mark_non_differentiable(lse, out, rank)
+    # The negatives (and lse) are saved only when they need a gradient: the fast path never reads them
+    # again, so the queue may be overwritten right after the forward. The loss is returned to the caller,
+    # who may scale it in place (reduction="none"): the backward keeps its own copy (B floats).
+    need = negatives.requires_grad
+    ctx.save_for_backward(q, k, loss.detach().clone(), delta, lse if need else None, negatives if need else None)
+    ctx.mark_non_differentiable(lse, delta, rank)
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_out, grad_rank):
-    q, k, lse, out, negatives = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, grad_delta, grad_rank):
+    q, k, loss, delta, lse, negatives = ctx.saved_tensors
     if grad_loss is None:
-        grad_loss = torch.zeros_like(lse)
-    dq, dk = info_nce_backward(grad_loss, q, k, lse, out, ctx.scale, ctx.impl)
+        grad_loss = torch.zeros_like(loss)
+    dq, dk = info_nce_backward(grad_loss, q, k, loss, delta, ctx.scale, ctx.impl)
     dn = None
     if ctx.negatives_need_grad:
         dn = info_nce_backward_negatives(grad_loss, q, negatives, lse, ctx.scale, ctx.impl)

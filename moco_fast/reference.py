@@ -88,24 +88,28 @@ def reference_enqueue(queue_t: torch.Tensor, ptr: torch.Tensor, keys: torch.Tens
 
 @torch.no_grad()
 def infonce_forward(q, k, negatives, scale, need_rank=True):
-    """(loss, lse, out, rank) from the materialized official logits (B, 1+K)."""
+    """(loss, lse, delta, rank) from the materialized official logits (B, 1+K).
+
+    The loss is the official cross_entropy (lse − pos in the logits' dtype: it cancels when the positive
+    dominates, which is what the official code gets); delta = O − k = Σ_j p_j·(x_j − k) over
+    x = [k, n_0, …] from the materialized softmax, in the logits' dtype."""
     logits = info_nce_logits(q, k, negatives, 1.0 / scale)
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     loss = F.cross_entropy(logits, labels, reduction="none")
-    probs = torch.softmax(logits, dim=1)
-    out = probs[:, :1] * k.to(logits.dtype) + probs[:, 1:] @ negatives.to(logits.dtype)
+    probs = torch.softmax(logits, dim=1)[:, 1:]  # the x_0 = k term of Σ_j p_j·(x_j − k) is 0
+    delta = probs @ negatives.to(logits.dtype) - probs.sum(dim=1, keepdim=True) * k.to(logits.dtype)
     rank = (logits[:, 1:] > logits[:, :1]).sum(dim=1)
-    return loss, torch.logsumexp(logits, dim=1), out, rank
+    return loss, torch.logsumexp(logits, dim=1), delta, rank
 
 
 @torch.no_grad()
-def infonce_backward(grad, q, k, lse, out, scale):
-    """(dq, dk): the cross-entropy gradient through the logits, written with the saved softmax mean."""
-    dtype = out.dtype
+def infonce_backward(grad, q, k, loss, delta, scale):
+    """(dq, dk): the cross-entropy gradient through the logits, dq = g·scale·delta and
+    dk = g·scale·(p0 − 1)·q with the official p0 = exp(−loss)."""
+    dtype = delta.dtype
     g = grad.to(dtype)[:, None] * scale
-    positive_logit = info_nce_logits(q, k, k[:0], 1.0 / scale)  # (B, 1), rounded as in the forward
-    p_pos = torch.exp(positive_logit - lse[:, None])
-    return (g * (out - k.to(dtype))).to(q.dtype), (g * (p_pos - 1.0) * q.to(dtype)).to(k.dtype)
+    p_pos = torch.exp(-loss.to(dtype))[:, None]
+    return (g * delta).to(q.dtype), (g * (p_pos - 1.0) * q.to(dtype)).to(k.dtype)
 
 
 @torch.no_grad()

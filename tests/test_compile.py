@@ -33,18 +33,19 @@ def test_opcheck_info_nce_forward(case, negatives_grad):
 
 def test_opcheck_backward_ops():
     q, k, n = torch.randn(5, 8), torch.randn(5, 8), torch.randn(11, 8)
-    loss, lse, out, rank = torch.ops.moco_fast.info_nce_forward(q, k, n, 5.0, "torch")
+    loss, lse, delta, rank = torch.ops.moco_fast.info_nce_forward(q, k, n, 5.0, "torch")
     grad = torch.rand(5)
-    torch.library.opcheck(torch.ops.moco_fast.info_nce_backward.default, (grad, q, k, lse, out, 5.0, "torch"))
+    torch.library.opcheck(torch.ops.moco_fast.info_nce_backward.default, (grad, q, k, loss, delta, 5.0, "torch"))
     torch.library.opcheck(torch.ops.moco_fast.info_nce_backward_negatives.default, (grad, q, n, lse, 5.0, "torch"))
 
 
 def test_forward_op_outputs():
     q, k, n = torch.randn(5, 8), torch.randn(5, 8), torch.randn(11, 8)
-    loss, lse, out, rank = torch.ops.moco_fast.info_nce_forward(q, k, n, 5.0, "torch")
+    loss, lse, delta, rank = torch.ops.moco_fast.info_nce_forward(q, k, n, 5.0, "torch")
     assert loss.shape == lse.shape == rank.shape == (5,)
-    assert out.shape == (5, 8)
-    assert loss.dtype == lse.dtype == out.dtype == torch.float32 and rank.dtype == torch.int64
+    assert delta.shape == (5, 8)
+    assert loss.dtype == lse.dtype == delta.dtype == torch.float32 and rank.dtype == torch.int64
+    out = delta.double() + k.double()  # O = k + delta
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ n.T], 1).double() * 5.0
     p = torch.softmax(logits, 1)
     expected_out = p[:, :1] * k.double() + p[:, 1:] @ n.double()

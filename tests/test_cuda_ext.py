@@ -90,7 +90,7 @@ def test_op_schemas():
     assert [a.name for a in fwd.arguments] == [
         "q", "k", "negatives", "scale", "compute", "num_splits", "keys_per_split"
     ]  # fmt: skip
-    assert [r.name for r in fwd.returns] == ["loss", "lse", "out", "rank"]
+    assert [r.name for r in fwd.returns] == ["loss", "lse", "delta", "rank"]
     tile = torch.ops.moco_fast_C.infonce_forward_tile.default._schema
     assert [a.name for a in tile.arguments] == ["compute", "d", "device"] and not tile.returns[0].name
 
@@ -128,9 +128,9 @@ def test_forward_checks_run_on_meta_tensors():
     """The shapes of the outputs, and the plan accepted as given, without a GPU."""
     bf = torch.bfloat16
     q, n = _meta((7, 128), bf), _meta((1000, 128), bf)
-    loss, lse, out, rank = torch.ops.moco_fast_C.infonce_forward(q, q, n, 10.0, "bfloat16", 4, 256)
-    assert loss.shape == lse.shape == rank.shape == (7,) and out.shape == (7, 128)
-    assert loss.dtype == lse.dtype == out.dtype == torch.float32 and rank.dtype == torch.int64
+    loss, lse, delta, rank = torch.ops.moco_fast_C.infonce_forward(q, q, n, 10.0, "bfloat16", 4, 256)
+    assert loss.shape == lse.shape == rank.shape == (7,) and delta.shape == (7, 128)
+    assert loss.dtype == lse.dtype == delta.dtype == torch.float32 and rank.dtype == torch.int64
     torch.ops.moco_fast_C.infonce_forward(q, q, _meta((0, 128), bf), 10.0, "bfloat16", 0, 0)  # K = 0
     torch.ops.moco_fast_C.infonce_forward(q, q, n, 10.0, "tf32", 1, 1024)  # fp32 operands from bf16: allowed
 
@@ -373,7 +373,7 @@ def _round(x: torch.Tensor, compute: str) -> torch.Tensor:
 
 def _emulate_forward(q, k, n, scale, precision="ieee", sms=132, threshold=8.0):
     """The split kernel + combine kernel of csrc/infonce.cu, tile by tile, in fp32 PyTorch, under the plan
-    cuda_ext would pass. Returns (loss, lse, out, rank, plan)."""
+    cuda_ext would pass. Returns (loss, lse, delta, rank, plan)."""
     B, d = q.shape
     K = n.shape[0]
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -406,18 +406,20 @@ def _emulate_forward(q, k, n, scale, precision="ieee", sms=132, threshold=8.0):
             o = o + _round(p, compute) @ keys
         parts.append((m, lsum, o, cnt))
     assert not covered or (covered[0][0] == 0 and covered[-1][1] == K)
-    # combine: M, L, out, rank; loss and lse in log2 units relative to M (log2 L = 0 when K = 0)
+    # combine: M, the negatives' L, then the positive apart from them: loss = ln2 (M - t0) + log1p(L + w0 - 1),
+    # delta = (sum_s w_s O_s - L k) / (w0 + L) (0 and 0 exactly when K = 0), rank
     big_m = t0.clone()
     for m, *_ in parts:
         big_m = torch.maximum(big_m, m)
     w0 = torch.exp2(t0 - big_m)
-    big_l, out, rank = w0.clone(), w0[:, None] * k.float(), torch.zeros(B, dtype=torch.int64)
-    for m, lsum, o, cnt in parts:
-        w = torch.exp2(m - big_m)
-        big_l, out, rank = big_l + lsum * w, out + w[:, None] * o, rank + cnt
-    log2_l = torch.log2(big_l) if nsplit > 0 else torch.zeros(B)
-    loss = (big_m - t0 + log2_l) / LOG2E
-    return loss, (big_m + log2_l) / LOG2E, out / big_l[:, None], rank, plan
+    big_l, rank = torch.zeros(B), torch.zeros(B, dtype=torch.int64)
+    for m, lsum, _, cnt in parts:
+        big_l, rank = big_l + lsum * torch.exp2(m - big_m), rank + cnt
+    acc = -big_l[:, None] * k.float()
+    for m, _, o, _ in parts:
+        acc = acc + torch.exp2(m - big_m)[:, None] * o
+    loss = (big_m - t0) / LOG2E + torch.log1p(big_l + torch.where(big_m > t0, w0 - 1, torch.zeros(B)))
+    return loss, t0 / LOG2E + loss, acc / (w0 + big_l)[:, None], rank, plan
 
 
 def _reference(q, k, n, scale):
@@ -458,7 +460,8 @@ def test_emulated_algorithm_matches_float64(dtype, precision, B, K, d):
     dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
     q, k, n = _unit(B, d, dtype=dt), _unit(B, d, dtype=dt), _unit(K, d, dtype=dt)
     scale = 1 / 0.07
-    loss, lse, out, rank, plan = _emulate_forward(q, k, n, scale, precision, sms=8)
+    loss, lse, delta, rank, plan = _emulate_forward(q, k, n, scale, precision, sms=8)
+    out = delta.double() + k.double()  # O = k + delta
     ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
     compute = plan.compute
     tol = {"bfloat16": 1e-2, "float16": 3e-3, "tf32": 2e-3, "ieee": 1e-5}[compute]
@@ -480,7 +483,8 @@ def test_emulated_lazy_rescaling_with_wide_logits(dtype):
     k = torch.randn(B, d).to(dtype)
     n = (torch.randn(K, d) * torch.linspace(0.1, 3.0, K)[:, None]).to(dtype)
     scale = 1 / 0.5
-    loss, lse, out, rank, _ = _emulate_forward(q, k, n, scale, "ieee", sms=2)
+    loss, lse, delta, rank, _ = _emulate_forward(q, k, n, scale, "ieee", sms=2)
+    out = delta.double() + k.double()  # O = k + delta
     ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
     assert _rel(lse, ref_lse) < 1e-5
     assert _rel(loss, ref_lse - pos) < 1e-5
@@ -596,9 +600,10 @@ def _forward_case(B, K, d, name, temperature=0.07, inputs=None):
     scale = 1.0 / temperature
     _poison_allocator()
     with _matmul_precision(precision), _no_host_sync():
-        loss, lse, out, rank = IMPL.infonce_forward(q, k, n, scale)
-    assert loss.shape == lse.shape == rank.shape == (B,) and out.shape == (B, d)
-    assert loss.dtype == lse.dtype == out.dtype == torch.float32 and rank.dtype == torch.int64
+        loss, lse, delta, rank = IMPL.infonce_forward(q, k, n, scale)
+    assert loss.shape == lse.shape == rank.shape == (B,) and delta.shape == (B, d)
+    assert loss.dtype == lse.dtype == delta.dtype == torch.float32 and rank.dtype == torch.int64
+    out = delta.double() + k.double()  # O = k + delta
     ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
     assert _rel(lse, ref_lse) < tol, name
     assert _rel(out, ref_out) < tol, name
@@ -660,13 +665,13 @@ def test_forward_nan_propagates():
     q, k, n = _unit(9, 64, device=DEVICE), _unit(9, 64, device=DEVICE), _unit(500, 64, device=DEVICE)
     q2 = q.clone()
     q2[3, 5] = float("nan")
-    _, lse, out, _ = IMPL.infonce_forward(q2, k, n, 10.0)
-    assert torch.isnan(lse[3]) and torch.isnan(out[3]).all()
+    _, lse, delta, _ = IMPL.infonce_forward(q2, k, n, 10.0)
+    assert torch.isnan(lse[3]) and torch.isnan(delta[3]).all()
     assert torch.isfinite(lse[torch.arange(9, device=DEVICE) != 3]).all()
     n2 = n.clone()
     n2[123, 0] = float("nan")  # one bad queue entry poisons every row
-    _, lse, out, _ = IMPL.infonce_forward(q, k, n2, 10.0)
-    assert torch.isnan(lse).all() and torch.isnan(out).all()
+    _, lse, delta, _ = IMPL.infonce_forward(q, k, n2, 10.0)
+    assert torch.isnan(lse).all() and torch.isnan(delta).all()
 
 
 @needs_gpu
@@ -716,11 +721,11 @@ def test_backward(B, K, d, name):
     )
     scale = 1 / 0.07
     grad = torch.rand(B, device=DEVICE) + 0.5
-    ref_lse, ref_out, *_ = _reference(q, k, n, scale)
-    lse, out = ref_lse.float(), ref_out.float()
+    ref_lse, ref_out, _, _, ref_pos = _reference(q, k, n, scale)
+    loss, delta = (ref_lse - ref_pos).float(), (ref_out - k.double()).float()
     _poison_allocator()
     with _no_host_sync():
-        dq, dk = IMPL.infonce_backward(grad, q, k, lse, out, scale)
+        dq, dk = IMPL.infonce_backward(grad, q, k, loss, delta, scale)
     assert dq.dtype == qt and dk.dtype == kt and dq.shape == dk.shape == (B, d)
     g = grad.double()[:, None] * scale
     p0 = torch.exp((q.double() * k.double()).sum(1) * scale - ref_lse)

@@ -121,13 +121,14 @@ def tol_for(*dts):
 
 
 def run_forward_check(q, k, n, scale, tol, **kw):
-    loss, lse, out, rank = KN.infonce_forward(q, k, n, scale, **kw)
+    loss, lse, delta, rank = KN.infonce_forward(q, k, n, scale, **kw)
     B, d = q.shape
     assert loss.shape == (B,) and loss.dtype == torch.float32
     assert lse.shape == (B,) and lse.dtype == torch.float32
-    assert out.shape == (B, d) and out.dtype == torch.float32
+    assert delta.shape == (B, d) and delta.dtype == torch.float32
     assert rank.shape == (B,) and rank.dtype == torch.int64
-    assert torch.isfinite(loss).all() and torch.isfinite(lse).all() and torch.isfinite(out).all()
+    assert torch.isfinite(loss).all() and torch.isfinite(lse).all() and torch.isfinite(delta).all()
+    out = delta.double() + k.double()  # O = k + delta
     r_lse, r_out, pos, neg = oracle_forward(q, k, n, scale)
     assert rel(lse, r_lse) < tol, rel(lse, r_lse)
     assert rel(out, r_out) < tol, rel(out, r_out)
@@ -140,7 +141,7 @@ def run_forward_check(q, k, n, scale, tol, **kw):
     assert ((loss.double() - r_loss).abs() / r_lse.abs().clamp_min(1.0)).max().item() < 30 * tol
     assert (loss >= 0).all()
     check_rank(rank, pos, neg)
-    return lse, out, rank
+    return lse, delta, rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,11 +183,11 @@ def test_forward_split_counts_agree(splits, fuse):
     B, K, d = 37, 1000, 96
     q, k, n = make(B, K, d, seed=3)
     cfg = H.TileConfig(16, 16, 4, 1)
-    lse, out, rank = run_forward_check(q, k, n, 1 / TEMP, 1e-5, num_splits=splits, config=cfg, fuse=fuse)
-    _, lse1, out1, rank1 = KN.infonce_forward(q, k, n, 1 / TEMP, num_splits=1, config=cfg)
+    lse, delta, rank = run_forward_check(q, k, n, 1 / TEMP, 1e-5, num_splits=splits, config=cfg, fuse=fuse)
+    _, lse1, delta1, rank1 = KN.infonce_forward(q, k, n, 1 / TEMP, num_splits=1, config=cfg)
     assert torch.equal(rank, rank1)
     assert (lse - lse1).abs().max().item() < 1e-5
-    assert (out - out1).abs().max().item() < 1e-5
+    assert (delta - delta1).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("B,K,d,splits", [(37, 1000, 96, 3), (7, 63, 16, None), (5, 300, 256, 2)])
@@ -220,20 +221,20 @@ def test_forward_with_a_132_sm_plan(monkeypatch, B, K, d):
 def test_forward_k0_is_positive_only(B, d, fuse):
     """K = 0: only the positive; loss exactly 0 (fused and split+combine paths), lse = scale*q.k."""
     q, k, n = make(B, 0, d)
-    loss, lse, out, rank = KN.infonce_forward(q, k, n, 1 / TEMP, fuse=fuse)
+    loss, lse, delta, rank = KN.infonce_forward(q, k, n, 1 / TEMP, fuse=fuse)
     assert torch.equal(loss, torch.zeros_like(loss))
     pos = (q.double() * k.double()).sum(1) / TEMP
     assert (lse.double() - pos).abs().max().item() < 1e-5
     pos32 = (q.float() * k.float()).sum(1) * torch.tensor(1 / TEMP, dtype=torch.float32)
     assert (lse - pos32).abs().max().item() <= 4 * torch.finfo(torch.float32).eps * pos32.abs().max().item()
-    assert torch.allclose(out, k.float(), atol=1e-6)
+    assert torch.equal(delta, torch.zeros_like(delta))  # O = k exactly
     assert (rank == 0).all()
 
 
 @pytest.mark.parametrize("need_rank", [True, False])
 def test_forward_need_rank_accepted(need_rank):
     q, k, n = make(7, 63, 16)
-    loss, lse, out, rank = KN.infonce_forward(q, k, n, 1 / TEMP, need_rank)
+    loss, lse, delta, rank = KN.infonce_forward(q, k, n, 1 / TEMP, need_rank)
     assert rank.shape == (7,) and rank.dtype == torch.int64
 
 
@@ -261,8 +262,8 @@ def test_forward_nan_propagates():
     q, k, n = make(7, 63, 16)
     n = n.clone()
     n[5, 3] = float("nan")
-    _, lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
-    assert torch.isnan(lse).all() and torch.isnan(out).any()
+    _, lse, delta, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
+    assert torch.isnan(lse).all() and torch.isnan(delta).any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,8 +285,8 @@ BWD_CASES = [
 def test_backward_matches_float64(B, K, d, dq, dk, dn):
     q, k, n = make(B, K, d, dq, dk, dn, seed=2)
     grad = (torch.rand(B, generator=torch.Generator().manual_seed(B)) + 0.5).div(B).to(DEV)
-    _, lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
-    gq, gk = KN.infonce_backward(grad, q, k, lse, out, 1 / TEMP)
+    loss, lse, delta, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
+    gq, gk = KN.infonce_backward(grad, q, k, loss, delta, 1 / TEMP)
     gn = KN.infonce_backward_negatives(grad, q, n, lse, 1 / TEMP)
     rq, rk, rn = oracle_grads(q, k, n, 1 / TEMP, grad)
     assert gq.dtype == q.dtype and gk.dtype == k.dtype and gn.dtype == n.dtype
@@ -303,8 +304,8 @@ def test_backward_expanded_grad_and_k0():
     B, d = 7, 96
     q, k, n = make(B, 0, d)
     grad = torch.full((1,), 1.0 / B, device=DEV).expand(B)
-    _, lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
-    gq, gk = KN.infonce_backward(grad, q, k, lse, out, 1 / TEMP)
+    loss, lse, delta, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
+    gq, gk = KN.infonce_backward(grad, q, k, loss, delta, 1 / TEMP)
     assert gq.abs().max().item() < 1e-6 and gk.abs().max().item() < 1e-6
     assert KN.infonce_backward_negatives(grad, q, n, lse, 1 / TEMP).shape == (0, d)
 
@@ -658,9 +659,9 @@ class _Launches:
 
 def _call_every_launcher(device=DEV):
     q, k, n = make(7, 63, 16, device=device)
-    _, lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP, num_splits=2, config=H.TileConfig(16, 16, 4, 1))
+    loss, lse, delta, _ = KN.infonce_forward(q, k, n, 1 / TEMP, num_splits=2, config=H.TileConfig(16, 16, 4, 1))
     grad = torch.ones(7, device=device)
-    KN.infonce_backward(grad, q, k, lse, out, 1 / TEMP)
+    KN.infonce_backward(grad, q, k, loss, delta, 1 / TEMP)
     KN.infonce_backward_negatives(grad, q, n, lse, 1 / TEMP)
     ts = [torch.zeros(5, device=device), torch.zeros(3, device=device)]
     KN.momentum_update_(ts, [torch.ones_like(t) for t in ts], 0.9)  # two storages: the multi-tensor kernel
@@ -750,9 +751,9 @@ def test_new_fp32_precision_api_does_not_raise(new_api):
         torch.backends.cuda.matmul.fp32_precision = new_api
         for dt in (torch.float32, torch.bfloat16):
             q, k, n = make(7, 63, 16, dt, seed=8)
-            loss, lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
+            loss, lse, delta, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
             grad = torch.ones(7, device=DEV)
-            KN.infonce_backward(grad, q, k, lse, out, 1 / TEMP)
+            KN.infonce_backward(grad, q, k, loss, delta, 1 / TEMP)
             KN.infonce_backward_negatives(grad, q, n, lse, 1 / TEMP)
             assert torch.isfinite(loss).all()
     finally:
@@ -804,12 +805,13 @@ def test_gpu_forward_backward_full_size(B, dts, precision):
     K, d = 65536, 128
     q, k, n = make(B, K, d, *dts, device="cuda", seed=B)
     tol = tol_for(*dts) if precision == "highest" or all(t != torch.float32 for t in dts) else 3e-3
-    _, lse, out, rank = KN.infonce_forward(q, k, n, 1 / TEMP)
+    loss, lse, delta, rank = KN.infonce_forward(q, k, n, 1 / TEMP)
+    out = delta.double() + k.double()  # O = k + delta
     r_lse, r_out, pos, neg = oracle_forward_chunked(q, k, n, 1 / TEMP)
     assert rel(lse, r_lse) < tol and rel(out, r_out) < tol, (rel(lse, r_lse), rel(out, r_out))
     check_rank(rank, pos, neg, eps=1e-3 if tol > 1e-5 else 1e-4)
     grad = torch.full((B,), 1.0 / B, device="cuda")
-    gq, gk = KN.infonce_backward(grad, q, k, lse, out, 1 / TEMP)
+    gq, gk = KN.infonce_backward(grad, q, k, loss, delta, 1 / TEMP)
     sub = slice(0, 256)  # float64 autograd on a row subset (grads of rows are independent)
     rq, rk, _ = oracle_grads(q[sub], k[sub], n, 1 / TEMP, grad[sub])
     assert rel(gq[sub], rq) < tol and rel(gk[sub], rk) < tol

@@ -1,11 +1,17 @@
 """The "torch" backend's InfoNCE: the single pass in blockwise PyTorch ops, for any device.
 
-One sweep over the negatives in blocks of rows keeps, per query row, the running max ``m``, the
-running sum ``l`` and the rescaled weighted sum ``acc`` of key rows (a flash-attention forward with
-V = K). The row starts with the positive key (m = q·k, l = 1, acc = k), so no B×(K+1) logits
-ever exist: the extra memory is O(B·d + B·block). The backward needs only lse and O (docs/design.md):
-dq = g/T·(O − k) and dk = g/T·(p0 − 1)·q. The rarely needed gradient of the negatives recomputes
-the logits block by block.
+One sweep over the negatives in blocks of rows keeps, per query row, the running max ``m`` (started
+at the positive's logit, so m = max(pos, max_j s_j)), the negatives' running sum
+``l_neg = Σ_j exp(s_j − m)`` and their rescaled weighted sum ``acc = Σ_j exp(s_j − m)·n_j`` (a
+flash-attention forward with V = K). The positive is kept apart from the negatives, so nothing
+cancels when it dominates (loss → 0; docs/design.md "Numerics"):
+
+    loss  = (m − pos) + log1p(l_neg + expm1(pos − m))      = log1p(l_neg) when pos is the max
+    delta = O − k = (acc − l_neg·k) / (exp(pos − m) + l_neg)
+
+No B×(K+1) logits ever exist: the extra memory is O(B·d + B·block). The backward needs only loss
+and delta: dq = g/T·delta and dk = g/T·expm1(−loss)·q. The rarely needed gradient of the negatives
+recomputes the logits block by block from lse.
 
 All arithmetic is fp32 whatever the input dtypes (bf16/fp16 blocks are upcast one block at a time),
 or fp64 when an input is fp64 (so gradcheck can run on this backend).
@@ -37,7 +43,7 @@ def infonce_forward(
     block: int | None = None,
     need_rank: bool = True,
 ):
-    """Single-pass forward: returns (loss (B,), lse (B,), out (B, d), rank (B,) int64); fp32 (fp64 for fp64).
+    """Single-pass forward: returns (loss (B,), lse (B,), delta (B, d), rank (B,) int64); fp32 (fp64 for fp64).
 
     With ``need_rank=False`` on CPU fp32 inputs, PyTorch's fused CPU flash-attention kernel does the
     sweep (faster, see _fused_attention_negatives) and rank is returned filled with -1.
@@ -50,9 +56,9 @@ def infonce_forward(
     qs = q.to(ct) * scale  # fold 1/T into q once: logits = qs · x
     kf = k.to(ct)
     pos = (qs * kf).sum(dim=1)
-    row_max = pos.clone()
-    row_sum = torch.ones_like(pos)
-    acc = kf.clone()
+    row_max = pos.clone()  # the positive is in the max from the start: exp(s − m) and exp(pos − m) <= 1
+    row_sum = torch.zeros_like(pos)  # the negatives' part only
+    acc = torch.zeros_like(kf)
     rank = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     num_keys = negatives.shape[0]
     block = block or block_size(q.shape[0], num_keys)
@@ -70,11 +76,19 @@ def infonce_forward(
         row_sum.mul_(correction).add_(probs.sum(dim=1))
         acc.mul_(correction[:, None]).addmm_(probs, keys)
         row_max = new_max
-    lse = row_max + torch.log(row_sum)
-    out = acc.div_(row_sum[:, None])
+    loss, delta = _merge_positive(pos, row_max, row_sum, acc, kf)
     if not need_rank:
         rank.fill_(-1)
-    return lse - pos, lse, out, rank
+    return loss, pos + loss, delta, rank
+
+
+def _merge_positive(pos, row_max, neg_sum, neg_acc, kf):
+    """(loss, delta) of rows whose max ``row_max`` >= pos, from the negatives' sum and weighted sum
+    relative to it; the positive enters only through w0 = exp(pos − m), never as a difference."""
+    below = pos - row_max  # <= 0; exactly 0 when the positive is the max
+    loss = torch.log1p(neg_sum + torch.expm1(below)).add_(-below)
+    delta = neg_acc.sub_(neg_sum[:, None] * kf).div_((torch.exp(below) + neg_sum)[:, None])
+    return loss, delta
 
 
 # PyTorch's CPU flash-attention kernel returns (O, logsumexp) over a shared key set, which is the
@@ -84,7 +98,11 @@ _FUSED_ATTENTION_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attenti
 
 
 def _fused_attention_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, scale: float):
-    """(loss, lse, out, rank=-1) via the fused CPU attention kernel plus an analytic merge of the positive, or None."""
+    """(loss, lse, delta, rank=-1) via the fused CPU attention kernel plus an analytic merge of the positive, or None.
+
+    The kernel gives the negatives' lse_neg and mean out_neg; with a = lse_neg − pos the row's loss is
+    softplus(a) and delta = O − k = sigmoid(a)·(out_neg − k) = (1 − p0)·(out_neg − k): no cancellation
+    in either regime (a << 0 when the positive dominates)."""
     if (
         _FUSED_ATTENTION_OP is None
         or os.environ.get("MOCO_FAST_CPU_FUSED_ATTENTION", "1") == "0"
@@ -99,22 +117,24 @@ def _fused_attention_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.
         return None
     out_neg, lse_neg = out_neg.reshape(q.shape), lse_neg.reshape(q.shape[0])
     pos = (q * scale * k).sum(dim=1)
-    lse = torch.logaddexp(lse_neg, pos)
-    out = out_neg * torch.exp(lse_neg - lse)[:, None] + k * torch.exp(pos - lse)[:, None]
+    a = lse_neg - pos
+    loss = a.clamp_min(0).add_(torch.log1p(torch.exp(-a.abs())))  # softplus(a), exact for a of either sign
+    delta = out_neg.sub_(k).mul_(torch.sigmoid(a)[:, None])
     rank = torch.full((q.shape[0],), -1, dtype=torch.int64)
-    return lse - pos, lse, out, rank
+    return loss, pos + loss, delta, rank
 
 
 def infonce_backward(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, scale: float
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, loss: torch.Tensor, delta: torch.Tensor, scale: float
 ):
-    """O(B·d) backward from the saved lse and O: returns (dq in q.dtype, dk in k.dtype)."""
-    ct = compute_dtype(q, k, lse)
-    qf, kf = q.to(ct), k.to(ct)
+    """O(B·d) backward from the saved loss and delta = O − k: returns (dq in q.dtype, dk in k.dtype).
+
+    dq = g·scale·delta; dk = g·scale·(p0 − 1)·q with p0 − 1 = expm1(−loss), exact when the loss is tiny
+    (and exactly 0 when K = 0)."""
+    ct = compute_dtype(q, k, loss)
     g = grad.to(ct) * scale
-    p0 = torch.exp((qf * scale * kf).sum(dim=1) - lse)  # rounded like the forward's positive logit
-    dq = g[:, None] * (out - kf)
-    dk = (g * (p0 - 1.0))[:, None] * qf
+    dq = g[:, None] * delta.to(ct)
+    dk = (g * torch.expm1(-loss.to(ct)))[:, None] * q.to(ct)
     return dq.to(q.dtype), dk.to(k.dtype)
 
 

@@ -115,9 +115,9 @@ def _record_case(case: dict, KN) -> list[tuple]:
             B, d = case["B"], case["d"]
             q, k = torch.empty(B, d, dtype=dt(qd)), torch.empty(B, d, dtype=dt(kd))
             n = torch.empty(case["K"], d, dtype=dt(nd))
-            _, lse, out, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
+            loss, lse, delta, _ = KN.infonce_forward(q, k, n, 1 / TEMP)
             grad = torch.empty(B)
-            KN.infonce_backward(grad, q, k, lse, out, 1 / TEMP)
+            KN.infonce_backward(grad, q, k, loss, delta, 1 / TEMP)
             KN.infonce_backward_negatives(grad, q, n, lse, 1 / TEMP)
         elif case["op"] == "momentum_flat":
             t = torch.empty(RESNET50_PARAMS, dtype=dt(case["dtype"]))
