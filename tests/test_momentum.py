@@ -297,6 +297,23 @@ def test_contract_views_of_one_buffer_that_are_not_one_span(backend, device, tar
     assert torch.equal(buf_s, before_s), "sources must not change"
 
 
+def test_contract_same_addresses_other_lengths(backend, device):
+    """Consecutive calls whose views start at the same addresses but have other lengths (Triton caches a
+    chunk table per call signature): each call updates exactly its own elements."""
+    buf_t, buf_s = torch.randn(1000, device=device), torch.randn(1000, device=device)
+    for lengths in ((100, 50), (300, 20), (100, 450)):
+        ts = [buf_t[: lengths[0]], buf_t[500 : 500 + lengths[1]]]
+        ss = [buf_s[: lengths[0]], buf_s[500 : 500 + lengths[1]]]
+        before = buf_t.clone()
+        want = [lerp(t, s, 0.5) for t, s in zip(ts, ss)]
+        update(backend, ts, ss, 0.5)
+        for i, (t, w) in enumerate(zip(ts, want)):
+            assert close_1ulp(t, w), f"lengths {lengths}: view {i}"
+        outside = torch.ones(1000, dtype=torch.bool, device=device)
+        outside[: lengths[0]] = outside[500 : 500 + lengths[1]] = False
+        assert torch.equal(buf_t[outside], before[outside]), f"lengths {lengths}"
+
+
 @pytest.mark.parametrize("n", [1, 15, H.MOMENTUM_BLOCK - 1, H.MOMENTUM_BLOCK, 3 * H.MOMENTUM_BLOCK + 17])
 def test_contract_flat_tail(backend, device, n):
     """Sizes around Triton's block (its unmasked body and masked last block); the element just past
@@ -570,6 +587,23 @@ def test_encoder_reuses_its_plan_and_rebuilds_it_when_parameters_move(monkeypatc
         assert torch.equal(p, e)
     enc.update(SmallCNN())  # another model: a plan of its own
     assert len(builds) == 3
+
+
+def test_encoder_rebuilds_its_plan_when_a_parameter_gets_new_storage():
+    """``p.data = ...`` registers nothing but gives the parameter new storage: the cached plan (which holds
+    the old tensors) must not be reused, or the update would read the old values."""
+    online = SmallCNN()
+    enc = MomentumEncoder(online, momentum=0.9, exact=True)
+    official = copy.deepcopy(online)
+    enc.update()
+    reference_momentum_update(official, online, 0.9)
+    with torch.no_grad():
+        online.fc.weight.data = online.fc.weight.data * 2 + 1  # new storage, same Parameter object
+        online.features[0].bias.data = torch.randn_like(online.features[0].bias)
+    enc.update()
+    reference_momentum_update(official, online, 0.9)
+    for (name, p), q in zip(enc.module.named_parameters(), official.parameters(), strict=True):
+        assert torch.equal(p, q), name
 
 
 def test_encoder_update_from_another_model():
