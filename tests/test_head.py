@@ -146,12 +146,11 @@ def test_symmetric_matches_official_over_30_steps(backend):
         k1_raw, k2_raw = k2_raw.clone(), k1_raw.clone()
         leaves = [t.clone().requires_grad_() for t in (q1_raw, q2_raw)]
         leaves_off = [t.clone().requires_grad_() for t in (q1_raw, q2_raw)]
-        # float64 rows in the head's order: InfoNCE(q1, k2) then InfoNCE(q2, k1), against the queue before
-        n = lambda t: F.normalize(t, dim=1)
-        queue_before = official.queue.T.clone()
-        ref12, ref21 = (
-            infonce_forward(n(a), n(b), queue_before, 1 / temperature) for a, b in ((q1_raw, k2_raw), (q2_raw, k1_raw))
-        )
+        if step % 5 == 0:  # float64 rows in the head's order: InfoNCE(q1, k2), InfoNCE(q2, k1); queue before
+            n = lambda t: F.normalize(t, dim=1)
+            queue_before = official.queue.T.clone()
+            ref12 = infonce_forward(n(q1_raw), n(k2_raw), queue_before, 1 / temperature)
+            ref21 = infonce_forward(n(q2_raw), n(k1_raw), queue_before, 1 / temperature)
         loss, stats = head(*leaves, k1_raw, k2_raw, return_stats=True)
         loss_off, logits_off = official.forward_symmetric(*leaves_off, k1_raw, k2_raw)
         assert abs(loss.item() - loss_off.item()) <= RTOL * abs(loss_off.item()), step
@@ -164,10 +163,10 @@ def test_symmetric_matches_official_over_30_steps(backend):
         acc1, acc5 = topk_accuracy(logits_off.detach(), (1, 5))
         assert stats.rank.shape == (2 * batch,) and stats.lse.shape == (2 * batch,)
         assert stats.acc1.item() == acc1.item() and stats.acc5.item() == acc5.item(), step
-        # row by row, in order (averages like acc1 cannot see two halves swapped or repeated)
-        check_rank(stats.rank, torch.cat([ref12.pos, ref21.pos]), torch.cat([ref12.neg, ref21.neg]), eps=1e-4)
-        lse64 = torch.cat([ref12.lse, ref21.lse])
-        assert ((stats.lse.double() - lse64).abs() / lse64.abs()).max().item() < RTOL, step
+        if step % 5 == 0:  # row by row, in order (averages like acc1 cannot see two halves swapped or repeated)
+            check_rank(stats.rank, torch.cat([ref12.pos, ref21.pos]), torch.cat([ref12.neg, ref21.neg]), eps=1e-4)
+            lse64 = torch.cat([ref12.lse, ref21.lse])
+            assert ((stats.lse.double() - lse64).abs() / lse64.abs()).max().item() < RTOL, step
         acc1_seen.append(acc1.item())
     assert 0 < min(acc1_seen) and max(acc1_seen) < 1
 

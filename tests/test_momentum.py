@@ -23,6 +23,8 @@ from moco_fast import MomentumEncoder, cosine_momentum, momentum_update
 from moco_fast.reference import reference_momentum_update
 from moco_fast.torch_backend import momentum as torch_momentum
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small cases: see conftest.one_thread
+
 
 class SmallCNN(nn.Module):
     def __init__(self):

@@ -15,6 +15,8 @@ from oracle import RingModel, close_1ulp
 
 from moco_fast import KeyQueue, NonFiniteKeysError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small cases: see conftest.one_thread
+
 
 def state(queue: KeyQueue) -> dict[str, torch.Tensor]:
     return {name: buf.clone() for name, buf in queue.named_buffers()}
