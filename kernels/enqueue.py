@@ -8,7 +8,8 @@ Shapes / dtypes:
 
 Semantics: if any key value is NaN/Inf nothing is written (queue, ptr, count untouched) and ok is
 False; else row (ptr + i) mod K <- keys[i] (L2-normalized first when NORMALIZE, x / max(|x|, 1e-12)
-as F.normalize, in COMPUTE precision), cast to the queue dtype; ptr <- (ptr + B) mod K;
+as F.normalize, in COMPUTE precision), cast to the queue dtype (through fp32 unless the queue is fp64);
+ptr <- (ptr + B) mod K;
 count <- min(count + B, K).
 
 Design: a single program. All-or-nothing needs the verdict on every key before the first write,
@@ -70,6 +71,10 @@ def enqueue_kernel(
             dst = head + i + r  # < 2K since head < K and i + r < B <= K: no 64-bit modulo per row
             dst = tl.where(dst >= K, dst - K, dst)
             dst_ptrs = queue_ptr + dst[:, None] * d + cols[None, :]
+            if queue_ptr.dtype.element_ty != tl.float64:
+                # fp64 keys into an fp32/half queue round through fp32: the interpreter casts fp64 -> bf16
+                # as an integer conversion (zeros), and the kernels do no half arithmetic (design.md).
+                x = x.to(tl.float32)
             tl.store(dst_ptrs, x.to(queue_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()
         new_head = head + B

@@ -9,6 +9,20 @@ import torch.nn.functional as F
 import moco_fast
 import moco_fast.functional as functional
 
+
+@pytest.fixture
+def fresh_compile():
+    """Compile without the AOTAutograd cache: it keys a compiled graph by the forward graph, not by the
+    Python autograd formulas registered for the custom ops (moco_fast/ops.py), so after a change to a
+    backward -- or from another checkout sharing /tmp/torchinductor_$USER -- it would replay a stale
+    backward and the comparison with eager would test that instead."""
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.reset()
+    with functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
 OPCHECK_CASES = [
     # (B, K, d, q dtype, negatives dtype)
     (5, 13, 8, torch.float32, torch.float32),
@@ -54,9 +68,8 @@ def test_forward_op_outputs():
 
 
 @pytest.mark.slow
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_matches_eager(fresh_compile):
     """torch.compile(fullgraph=True) of a MoCo-style loss: same loss and grads as eager."""
-    torch._dynamo.reset()
 
     def step(q_raw, k_raw, queue):
         q = F.normalize(q_raw, dim=1)
@@ -82,8 +95,7 @@ def test_compile_fullgraph_matches_eager():
 
 
 @pytest.mark.slow
-def test_compile_negatives_with_grad():
-    torch._dynamo.reset()
+def test_compile_negatives_with_grad(fresh_compile):
     fn = torch.compile(lambda q, k, n: moco_fast.info_nce(q, k, n, 0.2, backend="torch"), fullgraph=True)
     q, k, n = (torch.randn(s, 8) for s in (4, 4, 9))
     args_e = [t.clone().requires_grad_() for t in (q, k, n)]

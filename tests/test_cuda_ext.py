@@ -1,4 +1,4 @@
-"""The "cuda" backend: moco_fast._C built from csrc/ and its wrappers in moco_fast.cuda_ext.
+"""The "cuda" backend's internals: moco_fast._C built from csrc/ and its wrappers in moco_fast.cuda_ext.
 
 Layers (the SASS of the built library is checked in tests/machine_code/test_cuda_sass.py):
 
@@ -10,41 +10,35 @@ Layers (the SASS of the built library is checked in tests/machine_code/test_cuda
   the argument checks) with the op replaced by a recorder; and a PyTorch emulation of the kernels'
   algorithm (that plan, lazy rescaling, rounding of the probabilities, the combine step writing loss)
   against float64 math, so the index and numerics design is checked without a GPU.
-* GPU (skipped without CUDA): every op against float64 math over the matrix of sizes and dtypes, with the
-  CUDA caching allocator poisoned first so an output element the kernels fail to write shows up as NaN/-1.
+* GPU (skipped without CUDA): the kernels' own checks, occupancy and launch count.
+
+Every op of this backend against float64 math (forward matrix, backward, enqueue, momentum, on poisoned
+memory without host syncs) is in the by-op files (tests/test_info_nce.py, test_momentum.py, test_queue.py)
+with the other backends.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
-import os
 import types
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import EXPECT_CUDA_EXT, rows
 from moco_fast.kernels import heuristics as H
+from oracle import check_rank, infonce_forward, rel
 
 from moco_fast import cuda_ext
 
 BUILT = importlib.util.find_spec("moco_fast._C") is not None
-EXPECT_BUILT = os.environ.get("MOCO_FAST_EXPECT_CUDA_EXT", "") == "1" or os.environ.get(
-    "MOCO_FAST_BUILD_CUDA", ""
-).strip().lower() in ("1", "true", "yes", "on")
 NOT_BUILT = "moco_fast._C was not built (MOCO_FAST_BUILD_CUDA=0, or no CUDA toolkit / CPU torch at install time)"
 needs_ext = pytest.mark.skipif(not BUILT, reason=NOT_BUILT)
 needs_gpu = pytest.mark.skipif(not (BUILT and torch.cuda.is_available()), reason="needs moco_fast._C and a CUDA GPU")
 NEW_PRECISION_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 OPS = ("infonce_forward", "infonce_backward", "infonce_backward_negatives", "momentum_update_", "enqueue_")
-
-# The GPU tests run against these; a local harness may point them at moco_fast.torch_backend on the CPU to
-# check the test code itself.
 DEVICE = "cuda"
-IMPL = cuda_ext
-
 LOG2E = 1.0 / math.log(2.0)
 
 
@@ -54,7 +48,7 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 def test_extension_built_when_expected():
-    if EXPECT_BUILT:
+    if EXPECT_CUDA_EXT:
         assert BUILT, "MOCO_FAST_EXPECT_CUDA_EXT/MOCO_FAST_BUILD_CUDA says moco_fast._C must exist: " + NOT_BUILT
     if not BUILT:
         assert not cuda_ext.AVAILABLE
@@ -176,16 +170,6 @@ def test_forward_rejects_bad_inputs_on_meta_tensors():
 # ------------------------------------------------------------------------------------------------
 # The Python side of the backend (CPU): plan, precision, argument checks
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def restore_precision():
-    """Both fp32 precision APIs back to their defaults afterwards (conftest's fixture reads the legacy getter)."""
-    yield
-    if NEW_PRECISION_API:
-        torch.backends.fp32_precision = "none"
-        torch.backends.cuda.matmul.fp32_precision = "none"
-    torch.set_float32_matmul_precision("highest")
 
 
 @pytest.fixture
@@ -422,54 +406,23 @@ def _emulate_forward(q, k, n, scale, precision="ieee", sms=132, threshold=8.0):
     return loss, t0 / LOG2E + loss, acc / (w0 + big_l)[:, None], rank, plan
 
 
-def _reference(q, k, n, scale):
-    """float64 math: (lse, out, rank, logits of the negatives, positive logit)."""
-    q64, k64, n64 = q.double(), k.double(), n.double()
-    pos = (q64 * k64).sum(1) * scale
-    neg = (q64 @ n64.T) * scale
-    logits = torch.cat([pos[:, None], neg], dim=1)
-    lse = torch.logsumexp(logits, dim=1)
-    p = torch.exp(logits - lse[:, None])
-    out = p[:, :1] * k64 + p[:, 1:] @ n64
-    rank = (neg > pos[:, None]).sum(1)
-    return lse, out, rank, neg, pos
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    assert torch.isfinite(x).all(), "non-finite values"
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def _check_rank(rank, ref_rank, neg, pos, tie_tol):
-    """Exact, except for negatives within tie_tol of the positive logit (rounding may flip those)."""
-    assert rank.dtype == torch.int64 and (rank >= 0).all()
-    near = ((neg - pos[:, None]).abs() <= tie_tol).sum(1)
-    diff = (rank.cpu() - ref_rank.cpu()).abs()
-    assert (diff <= near.cpu()).all(), (diff.max().item(), near.max().item())
-
-
-def _unit(*shape, dtype=torch.float32, device="cpu"):
-    return F.normalize(torch.randn(*shape, device=device), dim=-1).to(dtype)
-
-
 @needs_ext
 @pytest.mark.parametrize("dtype, precision", [("bf16", "ieee"), ("f16", "ieee"), ("f32", "tf32"), ("f32", "ieee")])
 @pytest.mark.parametrize("B,K,d", [(1, 1, 16), (7, 1000, 96), (37, 4099, 32), (70, 333, 256), (5, 0, 48)])
 def test_emulated_algorithm_matches_float64(dtype, precision, B, K, d):
     dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
-    q, k, n = _unit(B, d, dtype=dt), _unit(B, d, dtype=dt), _unit(K, d, dtype=dt)
+    q, k, n = rows(B, d, dt), rows(B, d, dt), rows(K, d, dt)
     scale = 1 / 0.07
     loss, lse, delta, rank, plan = _emulate_forward(q, k, n, scale, precision, sms=8)
     out = delta.double() + k.double()  # O = k + delta
-    ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
+    ref = infonce_forward(q, k, n, scale)
     compute = plan.compute
     tol = {"bfloat16": 1e-2, "float16": 3e-3, "tf32": 2e-3, "ieee": 1e-5}[compute]
-    assert _rel(lse, ref_lse) < (1e-3 if compute == "tf32" else 1e-5)  # TF32 rounds q and the keys
-    assert _rel(out, ref_out) < tol
-    _check_rank(rank, ref_rank, neg, pos, tie_tol=1e-2 if compute == "tf32" else 1e-4)
+    assert rel(lse, ref.lse) < (1e-3 if compute == "tf32" else 1e-5)  # TF32 rounds q and the keys
+    assert rel(out, ref.out) < tol
+    check_rank(rank, ref.pos * scale, ref.neg * scale, eps=1e-2 if compute == "tf32" else 1e-4)
     # loss in log2 units relative to the max: |error| relative to the row's logit scale, not to a small loss
-    assert (loss.double() - (ref_lse - pos)).abs().max() < (2e-3 if compute == "tf32" else 1e-4) * scale
+    assert (loss.double() - ref.loss).abs().max() < (2e-3 if compute == "tf32" else 1e-4) * scale
     if K == 0:
         assert torch.equal(loss, torch.zeros(B)), "K = 0 must give loss 0 exactly"
 
@@ -485,11 +438,11 @@ def test_emulated_lazy_rescaling_with_wide_logits(dtype):
     scale = 1 / 0.5
     loss, lse, delta, rank, _ = _emulate_forward(q, k, n, scale, "ieee", sms=2)
     out = delta.double() + k.double()  # O = k + delta
-    ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
-    assert _rel(lse, ref_lse) < 1e-5
-    assert _rel(loss, ref_lse - pos) < 1e-5
-    assert _rel(out, ref_out) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
-    _check_rank(rank, ref_rank, neg, pos, tie_tol=1e-3)
+    ref = infonce_forward(q, k, n, scale)
+    assert rel(lse, ref.lse) < 1e-5
+    assert rel(loss, ref.loss) < 1e-5
+    assert rel(out, ref.out) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+    check_rank(rank, ref.pos * scale, ref.neg * scale, eps=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -539,155 +492,24 @@ def test_emulated_momentum_masked_tail_keeps_vectors(elem_bytes, n):
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU: InfoNCE
+# GPU: the kernels' own checks, occupancy, launch count
 # ------------------------------------------------------------------------------------------------
-
-
-def _poison_allocator():
-    """Fill cached allocator blocks with 0xFF bytes (NaN as float, -1 as int64) before a kernel runs."""
-    if DEVICE != "cuda":
-        return
-    small = [torch.empty(1 << 20, dtype=torch.uint8, device=DEVICE).fill_(255) for _ in range(4)]
-    large = torch.empty(512 << 20, dtype=torch.uint8, device=DEVICE).fill_(255)
-    del small, large
-
-
-@contextlib.contextmanager
-def _no_host_sync():
-    """torch raises on any synchronizing CUDA call inside (the ops must not sync)."""
-    if DEVICE != "cuda":
-        yield
-        return
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-
-
-@contextlib.contextmanager
-def _matmul_precision(precision: str):
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-# name: (q dtype, k dtype, negatives dtype, float32 matmul precision, relative tolerance, tie tolerance)
-DTYPES = {
-    "fp32": (torch.float32, torch.float32, torch.float32, "highest", 1e-5, 1e-4),
-    "tf32": (torch.float32, torch.float32, torch.float32, "high", 2e-3, 2e-2),
-    "bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16, "highest", 1e-2, 1e-3),
-    "fp16": (torch.float16, torch.float16, torch.float16, "highest", 5e-3, 1e-3),
-    "fp32q_bf16n": (torch.float32, torch.float32, torch.bfloat16, "highest", 1e-5, 1e-4),
-    "bf16q_fp16n_tf32": (torch.bfloat16, torch.float32, torch.float16, "high", 2e-3, 2e-2),
-}
-
-
-def _forward_case(B, K, d, name, temperature=0.07, inputs=None):
-    qt, kt, nt, precision, tol, tie = DTYPES[name]
-    if inputs is None:
-        q, k, n = (
-            _unit(B, d, dtype=qt, device=DEVICE),
-            _unit(B, d, dtype=kt, device=DEVICE),
-            _unit(K, d, dtype=nt, device=DEVICE),
-        )
-    else:
-        q, k, n = inputs
-    scale = 1.0 / temperature
-    _poison_allocator()
-    with _matmul_precision(precision), _no_host_sync():
-        loss, lse, delta, rank = IMPL.infonce_forward(q, k, n, scale)
-    assert loss.shape == lse.shape == rank.shape == (B,) and delta.shape == (B, d)
-    assert loss.dtype == lse.dtype == delta.dtype == torch.float32 and rank.dtype == torch.int64
-    out = delta.double() + k.double()  # O = k + delta
-    ref_lse, ref_out, ref_rank, neg, pos = _reference(q, k, n, scale)
-    assert _rel(lse, ref_lse) < tol, name
-    assert _rel(out, ref_out) < tol, name
-    # the loss from the kernel: error relative to the logit scale (the loss itself may be tiny); only TF32
-    # moves the logits (it rounds q and the keys), fp32 sums keep lse and the positive logit accurate otherwise
-    ltol = 2e-3 if precision == "high" else 1e-4
-    assert (loss.double() - (ref_lse - pos)).abs().max().item() < ltol * max(1.0, ref_lse.abs().max().item()), name
-    if K == 0:
-        assert torch.equal(loss, torch.zeros_like(loss)), "K = 0 must give loss 0 exactly"
-    _check_rank(rank, ref_rank, neg, pos, tie_tol=tie * scale * max(1.0, q.float().norm(dim=1).max().item() ** 2))
-    return lse, out, rank
-
-
-@needs_gpu
-@pytest.mark.parametrize("name", list(DTYPES))
-@pytest.mark.parametrize("d", [16, 96, 128])
-@pytest.mark.parametrize("K", [0, 1, 1000, 4099, 65536])
-@pytest.mark.parametrize("B", [1, 7, 37, 256])
-def test_forward_matrix(B, K, d, name):
-    _forward_case(B, K, d, name)
-
-
-@needs_gpu
-@pytest.mark.parametrize("name", ["fp32", "tf32", "bf16", "fp16", "fp32q_bf16n"])
-@pytest.mark.parametrize("d", [1, 33, 100, 200, 256])
-def test_forward_other_dims(d, name):
-    """d padded up to 32/64/128/256 (zero columns), unaligned d through the converting loader."""
-    _forward_case(37, 1000, d, name)
-    _forward_case(130, 65, d, name)
-
-
-@needs_gpu
-@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
-def test_forward_wide_logits_and_large_batch(name):
-    """Unnormalized inputs (logits spanning hundreds of units: many lazy rescales) and B = 4096.
-    (Not TF32: rounding q to 10 bits moves such logits by ~0.05, i.e. ~5% in the probabilities.)"""
-    qt, kt, nt = DTYPES[name][:3]
-    B, K, d = 4096, 4099, 128
-    q = torch.randn(B, d, device=DEVICE).to(qt)
-    k = torch.randn(B, d, device=DEVICE).to(kt)
-    n = (torch.randn(K, d, device=DEVICE) * torch.linspace(0.1, 2.0, K, device=DEVICE)[:, None]).to(nt)
-    _forward_case(B, K, d, name, temperature=2.0, inputs=(q, k, n))
-
-
-@needs_gpu
-def test_forward_unaligned_and_strided_inputs():
-    """A view at an odd element offset (not 16-byte aligned) and a transposed (non-contiguous) negatives."""
-    d = 128
-    base = _unit(1 + 37 * d, 1, device=DEVICE).flatten()
-    q = base[1:].view(37, d)  # 4-byte offset
-    k = _unit(37, d, device=DEVICE)
-    n = _unit(d, 999, device=DEVICE).T  # non-contiguous
-    _forward_case(37, 999, d, "fp32", inputs=(q, k, n))
-    _forward_case(37, 999, d, "bf16", inputs=(q.bfloat16(), k.bfloat16(), n.bfloat16()))
-
-
-@needs_gpu
-def test_forward_nan_propagates():
-    q, k, n = _unit(9, 64, device=DEVICE), _unit(9, 64, device=DEVICE), _unit(500, 64, device=DEVICE)
-    q2 = q.clone()
-    q2[3, 5] = float("nan")
-    _, lse, delta, _ = IMPL.infonce_forward(q2, k, n, 10.0)
-    assert torch.isnan(lse[3]) and torch.isnan(delta[3]).all()
-    assert torch.isfinite(lse[torch.arange(9, device=DEVICE) != 3]).all()
-    n2 = n.clone()
-    n2[123, 0] = float("nan")  # one bad queue entry poisons every row
-    _, lse, delta, _ = IMPL.infonce_forward(q, k, n2, 10.0)
-    assert torch.isnan(lse).all() and torch.isnan(delta).all()
 
 
 @needs_gpu
 def test_forward_large_d_and_fp64_raise():
     """No hand-off to the torch backend: the selection layer must not send these here."""
-    q, n = _unit(7, 300, device=DEVICE), _unit(100, 300, device=DEVICE)
+    q, n = rows(7, 300, torch.float32, device=DEVICE), rows(100, 300, torch.float32, device=DEVICE)
     with pytest.raises(ValueError, match="feature dimension d"):
-        IMPL.infonce_forward(q, q, n, 10.0)
+        cuda_ext.infonce_forward(q, q, n, 10.0)
     with pytest.raises(TypeError, match="q must be float32"):
-        IMPL.infonce_forward(q[:, :64].double(), q[:, :64], n[:, :64], 10.0)
+        cuda_ext.infonce_forward(q[:, :64].double(), q[:, :64], n[:, :64], 10.0)
 
 
 @needs_gpu
 def test_forward_rejects_bad_plans_on_the_gpu():
     """The CUDA kernel runs the same plan checks as the Meta kernel, before anything is launched."""
-    q, n = _unit(7, 128, device=DEVICE), _unit(1000, 128, device=DEVICE)
+    q, n = rows(7, 128, torch.float32, device=DEVICE), rows(1000, 128, torch.float32, device=DEVICE)
     with pytest.raises(ValueError, match="no empty split"):
         torch.ops.moco_fast_C.infonce_forward(q, q, n, 10.0, "ieee", 5, 256)
     with pytest.raises(ValueError, match="needs q and negatives both bfloat16"):
@@ -709,236 +531,13 @@ def test_tile_query_reports_occupancy_on_the_device():
 
 
 @needs_gpu
-@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16", "fp32q_bf16n"])
-@pytest.mark.parametrize("K", [0, 1000])
-@pytest.mark.parametrize("B,d", [(1, 16), (37, 96), (256, 128)])
-def test_backward(B, K, d, name):
-    qt, kt, nt = DTYPES[name][:3]
-    q, k, n = (
-        _unit(B, d, dtype=qt, device=DEVICE),
-        _unit(B, d, dtype=kt, device=DEVICE),
-        _unit(K, d, dtype=nt, device=DEVICE),
-    )
-    scale = 1 / 0.07
-    grad = torch.rand(B, device=DEVICE) + 0.5
-    ref_lse, ref_out, _, _, ref_pos = _reference(q, k, n, scale)
-    loss, delta = (ref_lse - ref_pos).float(), (ref_out - k.double()).float()
-    _poison_allocator()
-    with _no_host_sync():
-        dq, dk = IMPL.infonce_backward(grad, q, k, loss, delta, scale)
-    assert dq.dtype == qt and dk.dtype == kt and dq.shape == dk.shape == (B, d)
-    g = grad.double()[:, None] * scale
-    p0 = torch.exp((q.double() * k.double()).sum(1) * scale - ref_lse)
-    ref_dq = g * (ref_out - k.double())
-    ref_dk = g * (p0 - 1)[:, None] * q.double()
-    tol = 1e-5 if qt == torch.float32 else 1e-2
-    assert _rel(dq, ref_dq) < tol
-    if K == 0:  # p0 = 1: dk vanishes up to rounding of lse
-        assert dk.double().abs().max().item() < 1e-4 * scale
-    else:
-        assert _rel(dk, ref_dk) < (1e-4 if kt == torch.float32 else 1e-2)
-
-
-@needs_gpu
-@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16", "fp32q_bf16n"])
-@pytest.mark.parametrize("K", [1, 1000, 4099])
-@pytest.mark.parametrize("B,d", [(1, 16), (37, 96), (256, 128), (5, 256), (9, 33)])
-def test_backward_negatives(B, K, d, name):
-    qt, _, nt = DTYPES[name][:3]
-    q, n = _unit(B, d, dtype=qt, device=DEVICE), _unit(K, d, dtype=nt, device=DEVICE)
-    k = _unit(B, d, dtype=qt, device=DEVICE)
-    scale = 1 / 0.07
-    grad = torch.rand(B, device=DEVICE) + 0.5
-    ref_lse, *_ = _reference(q, k, n, scale)
-    _poison_allocator()
-    with _no_host_sync():
-        dn = IMPL.infonce_backward_negatives(grad, q, n, ref_lse.float(), scale)
-    assert dn.dtype == nt and dn.shape == (K, d)
-    p = torch.exp((q.double() @ n.double().T) * scale - ref_lse[:, None])
-    ref = scale * (grad.double()[:, None] * p).T @ q.double()
-    assert _rel(dn, ref) < (1e-5 if nt == torch.float32 else 1e-2)
-
-
-@needs_gpu
-def test_public_info_nce_cuda_backend_matches_reference():
-    import moco_fast
-
-    if not hasattr(moco_fast, "info_nce"):
-        pytest.skip("moco_fast.info_nce not available")
-    q = _unit(37, 128, device=DEVICE).requires_grad_()
-    k = _unit(37, 128, device=DEVICE).requires_grad_()
-    n = _unit(4099, 128, device=DEVICE).requires_grad_()
-    losses, grads = [], []
-    for backend in ("cuda", "reference"):
-        loss = moco_fast.info_nce(q, k, n, 0.07, backend=backend)
-        losses.append(loss.detach())
-        grads.append(torch.autograd.grad(loss, (q, k, n)))
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
-    for a, b in zip(*grads, strict=True):
-        assert _rel(a, b) < 1e-4
-
-
-# ------------------------------------------------------------------------------------------------
-# GPU: enqueue
-# ------------------------------------------------------------------------------------------------
-
-
-def _state(K, d, dtype, ptr, count):
-    queue = torch.randn(K, d, device=DEVICE).to(dtype)
-    return queue, torch.tensor([ptr], device=DEVICE), torch.tensor([count], device=DEVICE)
-
-
-@needs_gpu
-def test_enqueue_wraps_around():
-    queue, ptr, count = _state(10, 7, torch.float32, 8, 8)
-    before = queue.clone()
-    keys = torch.randn(5, 7, device=DEVICE)
-    with _no_host_sync():
-        ok = IMPL.enqueue_(queue, ptr, count, keys, False)
-    assert ok.dtype == torch.bool and ok.shape == (1,) and bool(ok)
-    rows = [8, 9, 0, 1, 2]
-    torch.testing.assert_close(queue[rows], keys, rtol=0, atol=0)
-    torch.testing.assert_close(queue[3:8], before[3:8], rtol=0, atol=0)
-    assert ptr.item() == 3 and count.item() == 10
-
-
-@needs_gpu
-@pytest.mark.parametrize("qdt", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("kdt", [torch.float32, torch.bfloat16, torch.float64])
-def test_enqueue_normalizes_and_casts(qdt, kdt):
-    K, d, B = 37, 96, 37  # B == K: every row, starting mid-queue
-    queue, ptr, count = _state(K, d, qdt, 5, 0)
-    keys = (torch.randn(B, d, device=DEVICE) * 3).to(kdt)
-    ok = IMPL.enqueue_(queue, ptr, count, keys, True)
-    assert bool(ok) and ptr.item() == 5 and count.item() == 37
-    expect = F.normalize(keys.double(), dim=1).to(qdt)
-    got = queue[(5 + torch.arange(B, device=DEVICE)) % K]
-    tol = {torch.float32: 1e-6, torch.float64: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[qdt]
-    torch.testing.assert_close(got.double(), expect.double(), rtol=tol, atol=tol)
-
-
-@needs_gpu
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_enqueue_rejects_non_finite_keys_atomically(bad):
-    queue, ptr, count = _state(64, 33, torch.bfloat16, 60, 60)
-    before = queue.clone()
-    keys = torch.randn(9, 33, device=DEVICE)
-    keys[8, 32] = bad  # the very last element
-    ok = IMPL.enqueue_(queue, ptr, count, keys, True)
-    assert not bool(ok)
-    assert torch.equal(queue.view(torch.int16), before.view(torch.int16))
-    assert ptr.item() == 60 and count.item() == 60
-
-
-@needs_gpu
-def test_enqueue_large_batch_and_sequence():
-    K, d = 65536, 128
-    queue, ptr, count = _state(K, d, torch.bfloat16, 0, 0)
-    seen = []
-    for B in (4096, 7, 65536, 1000):
-        keys = torch.randn(B, d, device=DEVICE)
-        start = ptr.item()
-        ok = IMPL.enqueue_(queue, ptr, count, keys, True)
-        assert bool(ok)
-        rows = (start + torch.arange(B, device=DEVICE)) % K
-        torch.testing.assert_close(queue[rows].float(), F.normalize(keys, dim=1).bfloat16().float(), rtol=0, atol=8e-3)
-        seen.append(B)
-        assert ptr.item() == (start + B) % K and count.item() == min(sum(seen), K)
-
-
-# ------------------------------------------------------------------------------------------------
-# GPU: momentum
-# ------------------------------------------------------------------------------------------------
-
-
-def _expected_momentum(t, s, m):
-    """The contract's lerp t + (1 - m)(s - t), computed in float64 and rounded once to the storage dtype."""
-    t64, s64 = t.double(), s.double()
-    return (t64 + (1 - m) * (s64 - t64)).to(t.dtype)
-
-
-_MOMENTUM_TOL = {torch.float32: 2e-7, torch.float64: 1e-12, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-
-
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_momentum_list_of_many_tensors(dtype):
-    sizes = [0, 1, 3, 7, 8, 9, 1000, 4099, 70000, (1 << 20) + 3] + [int(x) for x in torch.randint(1, 300, (3000,))]
-    targets = [torch.randn(n, device=DEVICE).to(dtype) for n in sizes]
-    sources = [torch.randn(n, device=DEVICE).to(dtype) for n in sizes]
-    expect = [_expected_momentum(t, s, 0.99) for t, s in zip(targets, sources, strict=True)]
-    with _no_host_sync():
-        IMPL.momentum_update_(targets, sources, 0.99)
-    tol = _MOMENTUM_TOL[dtype]
-    for got, exp in zip(targets, expect, strict=True):
-        torch.testing.assert_close(got, exp, rtol=tol, atol=tol)
-
-
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_momentum_misaligned_views_and_shapes(dtype):
-    """Views at odd offsets (scalar path), 2-D/4-D shapes, neighbours untouched."""
-    buf_t = torch.randn(10_000, device=DEVICE).to(dtype)
-    buf_s = torch.randn(10_000, device=DEVICE).to(dtype)
-    before = buf_t.clone()
-    targets = [buf_t[1:1001], buf_t[1003 : 1003 + 64 * 3 * 3].view(64, 3, 3), buf_t[2000 : 2000 + 33 * 7].view(33, 7)]
-    sources = [buf_s[5:1005], buf_s[3001 : 3001 + 64 * 3 * 3].view(64, 3, 3), buf_s[4000 : 4000 + 33 * 7].view(33, 7)]
-    expect = [_expected_momentum(t, s, 0.9) for t, s in zip(targets, sources, strict=True)]
-    IMPL.momentum_update_(targets, sources, 0.9)
-    tol = _MOMENTUM_TOL[dtype]
-    for got, exp in zip(targets, expect, strict=True):
-        torch.testing.assert_close(got, exp, rtol=tol, atol=tol)
-    untouched = torch.ones(10_000, dtype=torch.bool, device=DEVICE)
-    untouched[1:1001] = untouched[1003 : 1003 + 576] = untouched[2000:2231] = False
-    assert torch.equal(buf_t[untouched], before[untouched])
-
-
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_momentum_flat_buffer(dtype):
-    t = torch.randn(3_000_017, device=DEVICE).to(dtype)
-    s = torch.randn(3_000_017, device=DEVICE).to(dtype)
-    expect = _expected_momentum(t, s, 0.999)
-    with _no_host_sync():
-        IMPL.momentum_update_([t], [s], 0.999)
-    tol = _MOMENTUM_TOL[dtype]
-    torch.testing.assert_close(t, expect, rtol=tol, atol=tol)
-
-
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("t_off, s_off", [(0, 0), (1, 1), (3, 3), (1, 2), (2, 0)])
-@pytest.mark.parametrize("n", [1, 5, 17, 1031, 70001])
-def test_momentum_any_offset_and_length(dtype, t_off, s_off, n):
-    """Targets/sources at every element offset within 16 bytes, same or different, lengths N % 16 != 0:
-    the masked edge slots write exactly the pair's elements."""
-    buf_t = torch.randn(n + 64, device=DEVICE).to(dtype)
-    buf_s = torch.randn(n + 64, device=DEVICE).to(dtype)
-    before = buf_t.clone()
-    t, s = buf_t[t_off : t_off + n], buf_s[s_off : s_off + n]
-    expect = _expected_momentum(t, s, 0.99)
-    IMPL.momentum_update_([t], [s], 0.99)
-    tol = _MOMENTUM_TOL[dtype]
-    torch.testing.assert_close(t, expect, rtol=tol, atol=tol)
-    outside = torch.ones(n + 64, dtype=torch.bool, device=DEVICE)
-    outside[t_off : t_off + n] = False
-    assert torch.equal(buf_t[outside], before[outside])
-    # the same pair through the table kernel (two pairs: one launch with a device table)
-    buf_t.copy_(before)
-    IMPL.momentum_update_([t, buf_t[-3:]], [s, buf_s[-3:]], 0.99)
-    torch.testing.assert_close(t, expect, rtol=tol, atol=tol)
-
-
-@needs_gpu
 def test_momentum_is_one_launch():
-    if DEVICE != "cuda":
-        pytest.skip("counts CUDA kernels")
     targets = [torch.randn(n, device=DEVICE) for n in (10, 1000, 100_000, 5)]
     sources = [torch.randn_like(t) for t in targets]
-    IMPL.momentum_update_(targets, sources, 0.5)  # warm-up
+    cuda_ext.momentum_update_(targets, sources, 0.5)  # warm-up
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        IMPL.momentum_update_(targets, sources, 0.5)
+        cuda_ext.momentum_update_(targets, sources, 0.5)
         torch.cuda.synchronize()
     kernels = [
         e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "momentum" in e.name

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import traceback
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from moco_fast import KeyQueue, batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather
 from moco_fast.distributed import is_distributed
@@ -24,12 +24,6 @@ WORLD = 2
 SIZE, DIM = 16, 8
 BATCHES = (3, 5, 6)  # per rank: global batches 6, 10, 12 -> the queue wraps around
 TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_keys(rank: int, step: int, batch: int) -> torch.Tensor:
@@ -98,7 +92,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def _run_workers(tmp_path) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     ctx = mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:

@@ -14,28 +14,22 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import EXACT_BACKENDS
+from oracle import check_rank, infonce_forward, rel
 
 import moco_fast
 from moco_fast import MoCoHead, NonFiniteKeysError
 from moco_fast.reference import topk_accuracy
 
-CPU_BACKENDS = [b for b in moco_fast.available_backends() if b in ("torch", "reference")]
 RTOL = 1e-5
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many small steps: intra-op threads only add sync overhead on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-# MoCoHead(backend="reference") enqueues into the very tensor the reference einsum saved for the
-# backward, so loss.backward() after a training-mode call raises "modified by an inplace operation".
-# The official code contrasts against self.queue.clone().detach(); the reference path must too.
-HEAD_BACKENDS = CPU_BACKENDS
+# The 30-step comparisons with the official code run on the exact backends (the interpreter is too slow
+# for them); test_symmetric_stats_are_both_directions_in_order runs on every backend.
+# (MoCoHead(backend="reference") enqueues into the very tensor the reference einsum saved for the
+# backward, so loss.backward() after a training-mode call would raise "modified by an inplace operation"
+# if the reference path did not contrast against a copy, as the official code's queue.clone().detach().)
+head_backends = pytest.mark.parametrize("backend", EXACT_BACKENDS, indirect=True)
 
 
 class Official:
@@ -84,10 +78,6 @@ class Official:
         return loss, torch.cat([logits_12, logits_21])
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def make_views(encoder_q, x, noise):
     """Queries from a trainable encoder; keys correlated with them (varied strength) and without grad."""
     q_raw = encoder_q(x)
@@ -96,7 +86,7 @@ def make_views(encoder_q, x, noise):
     return q_raw, k_raw
 
 
-@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@head_backends
 @pytest.mark.parametrize("temperature", [0.07, 0.2])
 def test_asymmetric_matches_official_over_30_steps(backend, temperature):
     batch, dim, size, in_dim = 96, 128, 1000, 32
@@ -123,10 +113,10 @@ def test_asymmetric_matches_official_over_30_steps(backend, temperature):
         loss.backward()  # after the enqueue: the backward does not need the old queue
         loss_off.backward()
         if step % 2:
-            assert rel_err(enc.weight.grad, enc_off.weight.grad) < RTOL, step
-            assert rel_err(enc.bias.grad, enc_off.bias.grad) < RTOL, step
+            assert rel(enc.weight.grad, enc_off.weight.grad) < RTOL, step
+            assert rel(enc.bias.grad, enc_off.bias.grad) < RTOL, step
         else:
-            assert rel_err(q_leaf.grad, q_leaf_off.grad) < RTOL, step
+            assert rel(q_leaf.grad, q_leaf_off.grad) < RTOL, step
 
         # queue contents: the same normalized keys at the same rows
         assert torch.equal(head.queue.keys, official.queue.T), step
@@ -141,7 +131,7 @@ def test_asymmetric_matches_official_over_30_steps(backend, temperature):
     assert 0 < min(acc1_seen) and max(acc1_seen) < 1 and max(acc5_seen) > min(acc1_seen)
 
 
-@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@head_backends
 def test_symmetric_matches_official_over_30_steps(backend):
     batch, dim, size, temperature = 96, 128, 1000, 0.2
     head = MoCoHead(dim, size, temperature, queue_init="random", symmetric=True, backend=backend)
@@ -156,23 +146,32 @@ def test_symmetric_matches_official_over_30_steps(backend):
         k1_raw, k2_raw = k2_raw.clone(), k1_raw.clone()
         leaves = [t.clone().requires_grad_() for t in (q1_raw, q2_raw)]
         leaves_off = [t.clone().requires_grad_() for t in (q1_raw, q2_raw)]
+        if step % 5 == 0:  # float64 rows in the head's order: InfoNCE(q1, k2), InfoNCE(q2, k1); queue before
+            n = lambda t: F.normalize(t, dim=1)
+            queue_before = official.queue.T.clone()
+            ref12 = infonce_forward(n(q1_raw), n(k2_raw), queue_before, 1 / temperature)
+            ref21 = infonce_forward(n(q2_raw), n(k1_raw), queue_before, 1 / temperature)
         loss, stats = head(*leaves, k1_raw, k2_raw, return_stats=True)
         loss_off, logits_off = official.forward_symmetric(*leaves_off, k1_raw, k2_raw)
         assert abs(loss.item() - loss_off.item()) <= RTOL * abs(loss_off.item()), step
         loss.backward()
         loss_off.backward()
         for ours, theirs in zip(leaves, leaves_off, strict=True):
-            assert rel_err(ours.grad, theirs.grad) < RTOL, step
+            assert rel(ours.grad, theirs.grad) < RTOL, step
         assert torch.equal(head.queue.keys, official.queue.T), step
         assert head.queue.ptr.item() == (step + 1) * 2 * batch % size
         acc1, acc5 = topk_accuracy(logits_off.detach(), (1, 5))
-        assert stats.rank.shape == (2 * batch,)
+        assert stats.rank.shape == (2 * batch,) and stats.lse.shape == (2 * batch,)
         assert stats.acc1.item() == acc1.item() and stats.acc5.item() == acc5.item(), step
+        if step % 5 == 0:  # row by row, in order (averages like acc1 cannot see two halves swapped or repeated)
+            check_rank(stats.rank, torch.cat([ref12.pos, ref21.pos]), torch.cat([ref12.neg, ref21.neg]), eps=1e-4)
+            lse64 = torch.cat([ref12.lse, ref21.lse])
+            assert ((stats.lse.double() - lse64).abs() / lse64.abs()).max().item() < RTOL, step
         acc1_seen.append(acc1.item())
     assert 0 < min(acc1_seen) and max(acc1_seen) < 1
 
 
-@pytest.mark.parametrize("backend", HEAD_BACKENDS)
+@head_backends
 def test_backward_after_the_enqueue(backend):
     """A training step calls head(q, k) (which enqueues k) and only then loss.backward()."""
     head = MoCoHead(16, 40, 0.1, queue_init="random", backend=backend)
@@ -182,7 +181,7 @@ def test_backward_after_the_enqueue(backend):
     head(q, k).backward()
     q_ref = q.detach().clone().requires_grad_()
     moco_fast.info_nce(F.normalize(q_ref, dim=1), F.normalize(k, dim=1), negatives, 0.1).backward()
-    assert rel_err(q.grad, q_ref.grad) < RTOL
+    assert rel(q.grad, q_ref.grad) < RTOL
 
 
 def test_symmetric_loss_is_the_average_of_both_directions():
@@ -198,6 +197,25 @@ def test_symmetric_loss_is_the_average_of_both_directions():
     # both key batches enqueued once, after both losses: k1 first, then k2
     assert torch.equal(head.queue.keys[:10], torch.cat([n(k1), n(k2)]))
     assert head.queue.ptr.item() == 10
+
+
+def test_symmetric_stats_are_both_directions_in_order(backend, device):
+    """stats.rank and stats.lse are InfoNCE(q1, k2)'s rows followed by InfoNCE(q2, k1)'s, element by
+    element, and the loss is their average: the same calls made by hand give the same bits."""
+    head = MoCoHead(16, 40, 0.1, queue_init="random", symmetric=True, backend=backend).to(device)
+    negatives = head.queue.negatives().clone()
+    q1, q2, k1, k2 = (torch.randn(5, 16, device=device) for _ in range(4))
+    loss, stats = head(q1, q2, k1, k2, return_stats=True)
+    n = lambda t: F.normalize(t, dim=1)
+    loss12, s12 = moco_fast.info_nce(n(q1), n(k2), negatives, 0.1, backend=backend, return_stats=True)
+    loss21, s21 = moco_fast.info_nce(n(q2), n(k1), negatives, 0.1, backend=backend, return_stats=True)
+    assert not torch.equal(s12.lse, s21.lse), "the two directions must differ, or the order could not be seen"
+    assert torch.equal(stats.rank, torch.cat([s12.rank, s21.rank]))
+    assert torch.equal(stats.lse, torch.cat([s12.lse, s21.lse]))
+    assert stats.acc1.item() == (stats.rank < 1).float().mean().item()
+    assert stats.acc5.item() == (stats.rank < 5).float().mean().item()
+    assert torch.equal(loss, 0.5 * (loss12 + loss21))
+    assert head.last_stats is stats
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

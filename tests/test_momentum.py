@@ -1,4 +1,10 @@
-"""momentum_update and MomentumEncoder against the official per-parameter loop."""
+"""momentum_update, the backends' momentum_update_ and MomentumEncoder, against the formulas and the
+official per-parameter loop, on every backend.
+
+The formulas are in tests/oracle.py: the default update is the lerp t + (1 − m)·(s − t) rounded once to the
+storage dtype (every backend, within one rounding); ``exact=True`` is the official t·m + s·(1 − m) with its
+two roundings, bit for bit (the backends that declare the "exact" mode: torch, reference).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,15 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import contract, no_host_sync, requires_cuda
+from moco_fast.kernels import heuristics as H
+from oracle import bf16_ulp, close_1ulp, ema64, lerp, official_momentum, ulp
 
 from moco_fast import MomentumEncoder, cosine_momentum, momentum_update
 from moco_fast.reference import reference_momentum_update
+from moco_fast.torch_backend import momentum as torch_momentum
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small cases: see conftest.one_thread
 
 
 class SmallCNN(nn.Module):
@@ -49,12 +61,6 @@ def sgd_like_step(model: nn.Module, scale: float = 0.05) -> None:
     """Move the online model as an optimizer would (random, different every step)."""
     for p in model.parameters():
         p.add_(torch.randn_like(p) * scale)
-
-
-def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
-    exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0**-126)))
-    return torch.where(x == 0, torch.full_like(x, 2.0**-133), torch.exp2(exponent - 7))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,7 +131,7 @@ def test_tensor_list_form_equals_formula(backend):
     shapes = [(3, 5), (7,), (2, 3, 4), (1,), (129, 17)]
     targets = [torch.randn(s) for s in shapes]
     sources = [torch.randn(s) for s in shapes]
-    expected = [t * 0.99 + s * (1.0 - 0.99) for t, s in zip(targets, sources, strict=True)]
+    expected = [official_momentum(t, s, 0.99) for t, s in zip(targets, sources, strict=True)]
     sources_before = [s.clone() for s in sources]
     ptrs = [t.data_ptr() for t in targets]
     momentum_update(targets, sources, 0.99, exact=True, backend=backend)
@@ -138,9 +144,7 @@ def test_tensor_list_form_equals_formula(backend):
 
 def test_tensor_list_form_accepts_parameters_and_tuples():
     a, b = nn.Linear(4, 3), nn.Linear(4, 3)
-    expected = [
-        p.detach() * 0.9 + q.detach() * (1.0 - 0.9) for p, q in zip(a.parameters(), b.parameters(), strict=True)
-    ]
+    expected = [official_momentum(p.detach(), q.detach(), 0.9) for p, q in zip(a.parameters(), b.parameters())]
     momentum_update(tuple(a.parameters()), list(b.parameters()), 0.9, exact=True)
     for p, e in zip(a.parameters(), expected, strict=True):
         assert torch.equal(p.detach(), e)
@@ -150,7 +154,7 @@ def test_tensor_list_form_accepts_parameters_and_tuples():
 def test_non_contiguous_tensors():
     targets = [torch.randn(6, 4).T, torch.randn(8)[::2]]
     sources = [torch.randn(4, 6), torch.randn(4)]
-    expected = [t * 0.7 + s * (1.0 - 0.7) for t, s in zip(targets, sources, strict=True)]
+    expected = [official_momentum(t, s, 0.7) for t, s in zip(targets, sources, strict=True)]
     momentum_update(targets, sources, 0.7, exact=True)
     for t, e in zip(targets, expected, strict=True):
         assert torch.equal(t, e)
@@ -162,17 +166,13 @@ def test_half_precision_rounded_once(dtype, momentum):
     shapes = [(33, 7), (1000,), (5, 5, 5)]
     targets = [torch.randn(s).to(dtype) for s in shapes]
     sources = [(t.float() + 0.1 * torch.randn(t.shape)).to(dtype) for t in targets]
-    exact = [t.double() * momentum + s.double() * (1.0 - momentum) for t, s in zip(targets, sources, strict=True)]
+    exact = [ema64(t, s, momentum) for t, s in zip(targets, sources, strict=True)]
     stays = [t.clone() for t in targets]
     momentum_update(targets, sources, momentum)
     changed = 0
     for t, e, before in zip(targets, exact, stays, strict=True):
         assert t.dtype == dtype
-        if dtype == torch.bfloat16:
-            ulp = bf16_ulp(e)
-        else:
-            ulp = torch.exp2(torch.floor(torch.log2(e.abs().clamp_min(2.0**-14)))) * 2.0**-10
-        assert ((t.double() - e).abs() <= ulp).all(), "more than one ulp from the exact update"
+        assert ((t.double() - e).abs() <= ulp(e, dtype)).all(), "more than one ulp from the exact update"
         changed += int((t != before).sum())
     # with m = 0.999 a naive update in the half dtype itself would round most updates away;
     # fp32 math rounded once moves at least some elements
@@ -183,10 +183,7 @@ def test_bf16_module_update():
     online = SmallCNN().to(torch.bfloat16)
     key = copy.deepcopy(online)
     sgd_like_step(online, 0.5)
-    exact = [
-        k.double() * 0.99 + o.double() * (1.0 - 0.99)
-        for k, o in zip(key.parameters(), online.parameters(), strict=True)
-    ]
+    exact = [ema64(k, o, 0.99) for k, o in zip(key.parameters(), online.parameters(), strict=True)]
     momentum_update(key, online, 0.99)
     for p, e in zip(key.parameters(), exact, strict=True):
         assert p.dtype == torch.bfloat16
@@ -207,11 +204,265 @@ def test_float64_update_equals_official():
 def test_mixed_dtype_lists_are_grouped():
     targets = [torch.randn(4), torch.randn(3).to(torch.bfloat16), torch.randn(5)]
     sources = [torch.randn(4), torch.randn(3).to(torch.bfloat16), torch.randn(5)]
-    expected = [(t.double() * 0.9 + s.double() * (1.0 - 0.9)) for t, s in zip(targets, sources, strict=True)]
+    expected = [ema64(t, s, 0.9) for t, s in zip(targets, sources, strict=True)]
     fp32_expected = [torch.lerp(targets[i], sources[i], 1.0 - 0.9) for i in (0, 2)]
     momentum_update(targets, sources, 0.9)
     assert torch.equal(targets[0], fp32_expected[0]) and torch.equal(targets[2], fp32_expected[1])
     assert ((targets[1].double() - expected[1]).abs() <= bf16_ulp(expected[1])).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# the backends' momentum_update_ (the contract) on every backend
+# ------------------------------------------------------------------------------------------------
+
+
+def update(backend, targets, sources, momentum, exact=False):
+    """The backend's contract function (inputs of one device, dtype, contiguous, as the caller groups them)."""
+    contract(backend).momentum_update_(targets, sources, momentum, exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_contract_multi_tensor(backend, device, dtype):
+    shapes = [(3,), (17, 5), (64,), (70001,), (2, 3, 4), (1,), (H.MOMENTUM_CHUNK,), (0,)]
+    ts = [torch.randn(s).to(dtype).to(device) for s in shapes]
+    ss = [torch.randn(s).to(dtype).to(device) for s in shapes]
+    want = [lerp(t, s, 0.99) for t, s in zip(ts, ss)]
+    ss_before = [s.clone() for s in ss]
+    update(backend, ts, ss, 0.99)
+    for t, w in zip(ts, want):
+        assert close_1ulp(t, w)
+    assert all(torch.equal(a, b) for a, b in zip(ss, ss_before)), "sources must not change"
+    # A second call (Triton: the cached chunk table) must update again.
+    want = [lerp(t, s, 0.5) for t, s in zip(ts, ss)]
+    update(backend, ts, ss, 0.5)
+    for t, w in zip(ts, want):
+        assert close_1ulp(t, w)
+
+
+def test_contract_unaligned_views(backend, device):
+    """Views starting 1 element into a buffer: not 16-byte aligned (Triton: the unvectorized path)."""
+    bt = torch.randn(10001, device=device)
+    bs = torch.randn(10001, device=device)
+    ts = [bt[1:5001], bt[5003:10001]]
+    ss = [bs[1:5001].clone(), bs[5003:10001]]
+    want = [lerp(t, s, 0.9) for t, s in zip(ts, ss)]
+    untouched = (bt[0].item(), bt[5001].item(), bt[5002].item())
+    update(backend, ts, ss, 0.9)
+    for t, w in zip(ts, want):
+        assert close_1ulp(t, w)
+    assert (bt[0].item(), bt[5001].item(), bt[5002].item()) == untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contract_flat_buffer(backend, device, dtype):
+    """One flat buffer, or views lying back to back in one (Triton: the single flat launch)."""
+    flat_t = torch.randn(123457).to(dtype).to(device)
+    flat_s = torch.randn(123457).to(dtype).to(device)
+    want = lerp(flat_t, flat_s, 0.999)
+    update(backend, [flat_t], [flat_s], 0.999)
+    assert close_1ulp(flat_t, want)
+    sizes = [100, 2000, 3, 121354]
+    ts, ss = list(flat_t.split(sizes)), list(flat_s.split(sizes))
+    want = lerp(flat_t, flat_s, 0.7)
+    update(backend, ts, ss, 0.7)
+    assert close_1ulp(flat_t, want)
+
+
+# (targets, sources): each a list of views into one buffer, given as (start, length) spans. "gapped":
+# holes between the views; "reversed": back to back in memory but listed in the other order; "flat": back
+# to back in order. Only flat/flat is one span for Triton's flat kernel; every other pairing must be
+# updated view by view, and nothing outside the views may change.
+SPANS = {
+    "flat": [(0, 1000), (1000, 1200), (2200, 5)],
+    "gapped": [(10, 1000), (1500, 1200), (3000, 5)],
+    "reversed": [(1205, 1000), (5, 1200), (0, 5)],
+}
+
+
+@pytest.mark.parametrize(
+    "target_spans,source_spans",
+    [("gapped", "gapped"), ("flat", "gapped"), ("gapped", "flat"), ("reversed", "flat"), ("flat", "reversed")],
+)
+def test_contract_views_of_one_buffer_that_are_not_one_span(backend, device, target_spans, source_spans):
+    buf_t, buf_s = torch.randn(4000, device=device), torch.randn(4000, device=device)
+    ts = [buf_t[a : a + n] for a, n in SPANS[target_spans]]
+    ss = [buf_s[a : a + n] for a, n in SPANS[source_spans]]
+    before_t, before_s = buf_t.clone(), buf_s.clone()
+    want = [lerp(t, s, 0.9) for t, s in zip(ts, ss)]
+    update(backend, ts, ss, 0.9)
+    for i, (t, w) in enumerate(zip(ts, want)):
+        assert close_1ulp(t, w), f"view {i}"
+    inside = torch.zeros(4000, dtype=torch.bool, device=device)
+    for a, n in SPANS[target_spans]:
+        inside[a : a + n] = True
+    assert torch.equal(buf_t[~inside], before_t[~inside]), "an element outside the target views changed"
+    assert torch.equal(buf_s, before_s), "sources must not change"
+
+
+def test_contract_same_addresses_other_lengths(backend, device):
+    """Consecutive calls whose views start at the same addresses but have other lengths (Triton caches a
+    chunk table per call signature): each call updates exactly its own elements."""
+    buf_t, buf_s = torch.randn(1000, device=device), torch.randn(1000, device=device)
+    for lengths in ((100, 50), (300, 20), (100, 450)):
+        ts = [buf_t[: lengths[0]], buf_t[500 : 500 + lengths[1]]]
+        ss = [buf_s[: lengths[0]], buf_s[500 : 500 + lengths[1]]]
+        before = buf_t.clone()
+        want = [lerp(t, s, 0.5) for t, s in zip(ts, ss)]
+        update(backend, ts, ss, 0.5)
+        for i, (t, w) in enumerate(zip(ts, want)):
+            assert close_1ulp(t, w), f"lengths {lengths}: view {i}"
+        outside = torch.ones(1000, dtype=torch.bool, device=device)
+        outside[: lengths[0]] = outside[500 : 500 + lengths[1]] = False
+        assert torch.equal(buf_t[outside], before[outside]), f"lengths {lengths}"
+
+
+@pytest.mark.parametrize("n", [1, 15, H.MOMENTUM_BLOCK - 1, H.MOMENTUM_BLOCK, 3 * H.MOMENTUM_BLOCK + 17])
+def test_contract_flat_tail(backend, device, n):
+    """Sizes around Triton's block (its unmasked body and masked last block); the element just past
+    the end untouched."""
+    bt = torch.randn(n + 1, device=device)
+    ts = bt[:n]
+    ss = torch.randn(n, device=device)
+    sentinel = bt[n].item()
+    want = lerp(ts, ss, 0.9)
+    update(backend, [ts], [ss], 0.9)
+    assert close_1ulp(ts, want) and bt[n].item() == sentinel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("flat", [True, False])
+def test_contract_is_a_lerp(backend, device, dtype, flat):
+    """target == source stays bit-identical (a lerp moves by w*(s - t) = 0); the two-rounding
+    t*m + s*(1-m) does not. One flat tensor and a list (Triton: both kernels)."""
+    t = (torch.randn(4099) * 3).to(dtype).to(device)
+    ts = [t] if flat else [t[:2000], t[2003:]]
+    ss = [x.clone() for x in ts]
+    before = [x.clone() for x in ts]
+    update(backend, ts, ss, 0.999)
+    assert all(torch.equal(a, b) for a, b in zip(ts, before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contract_misaligned_views_and_shapes(backend, device, dtype):
+    """Views at odd offsets (scalar path), 2-D/4-D shapes, neighbours untouched."""
+    buf_t = torch.randn(10_000, device=device).to(dtype)
+    buf_s = torch.randn(10_000, device=device).to(dtype)
+    before = buf_t.clone()
+    targets = [buf_t[1:1001], buf_t[1003 : 1003 + 64 * 3 * 3].view(64, 3, 3), buf_t[2000 : 2000 + 33 * 7].view(33, 7)]
+    sources = [buf_s[5:1005], buf_s[3001 : 3001 + 64 * 3 * 3].view(64, 3, 3), buf_s[4000 : 4000 + 33 * 7].view(33, 7)]
+    expect = [lerp(t, s, 0.9) for t, s in zip(targets, sources, strict=True)]
+    update(backend, targets, sources, 0.9)
+    tol = MOMENTUM_TOL[dtype]
+    for got, exp in zip(targets, expect, strict=True):
+        torch.testing.assert_close(got, exp, rtol=tol, atol=tol)
+    untouched = torch.ones(10_000, dtype=torch.bool, device=device)
+    untouched[1:1001] = untouched[1003 : 1003 + 576] = untouched[2000:2231] = False
+    assert torch.equal(buf_t[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"], indirect=True)
+def test_contract_exact_mode_across_chunk_boundaries(backend, monkeypatch):
+    """The exact mode bit for bit, element by element, on a list larger than the torch backend's chunk
+    (_MOMENTUM_CHUNK elements per fused call): every tensor updated exactly once, the one where a chunk
+    ends too. Twice: with the real chunk, and with a chunk of 64 so that many boundaries fall inside."""
+    for chunk in (torch_momentum._MOMENTUM_CHUNK, 64):
+        monkeypatch.setattr(torch_momentum, "_MOMENTUM_CHUNK", chunk)
+        sizes = [chunk // 2 + 1, chunk // 2, 7, chunk - 3, 1, 2 * chunk + 5, 3, chunk, 5]
+        assert sum(sizes) > 4 * chunk
+        ts, ss = [torch.randn(n) for n in sizes], [torch.randn(n) for n in sizes]
+        want = [official_momentum(t, s, 0.99) for t, s in zip(ts, ss)]
+        update(backend, ts, ss, 0.99, exact=True)
+        for i, (t, w) in enumerate(zip(ts, want)):
+            assert torch.equal(t, w), f"chunk {chunk}: tensor {i} of {len(ts)} ({t.numel()} elements)"
+
+
+def test_public_momentum_update(backend, device):
+    """moco_fast.momentum_update(tensors, ..., backend=...) takes the backend and updates by the formula."""
+    ts = [torch.randn(s, device=device) for s in ((5, 3), (7,), (11, 2))]
+    ss = [torch.randn(t.shape, device=device) for t in ts]
+    want = [lerp(t, s, 0.99) for t, s in zip(ts, ss)]
+    momentum_update(ts, ss, 0.99, backend=backend)
+    assert all(close_1ulp(t, w) for t, w in zip(ts, want))
+
+
+def test_encoder_update_on_every_backend(backend, device):
+    """MomentumEncoder's flat buffer against separate online parameters, through the backend."""
+    online = SmallCNN().to(device)
+    enc = MomentumEncoder(online, momentum=0.9, backend=backend)
+    sgd_like_step(online)
+    want = [lerp(p, o, 0.9) for p, o in zip(enc.module.parameters(), online.parameters())]
+    assert enc.update() == 0.9
+    for p, w in zip(enc.module.parameters(), want, strict=True):
+        assert close_1ulp(p, w)
+
+
+MOMENTUM_TOL = {torch.float32: 2e-7, torch.float64: 1e-12, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+on_cuda = pytest.mark.parametrize("backend", ["cuda"], indirect=True)
+
+
+@requires_cuda
+@on_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_gpu_contract_list_of_many_tensors(backend, device, dtype):
+    sizes = [0, 1, 3, 7, 8, 9, 1000, 4099, 70000, (1 << 20) + 3] + [int(x) for x in torch.randint(1, 300, (3000,))]
+    targets = [torch.randn(n, device=device).to(dtype) for n in sizes]
+    sources = [torch.randn(n, device=device).to(dtype) for n in sizes]
+    expect = [lerp(t, s, 0.99) for t, s in zip(targets, sources, strict=True)]
+    with no_host_sync(device):
+        update(backend, targets, sources, 0.99)
+    tol = MOMENTUM_TOL[dtype]
+    for got, exp in zip(targets, expect, strict=True):
+        torch.testing.assert_close(got, exp, rtol=tol, atol=tol)
+
+
+@requires_cuda
+@on_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_contract_flat_buffer(backend, device, dtype):
+    t = torch.randn(3_000_017, device=device).to(dtype)
+    s = torch.randn(3_000_017, device=device).to(dtype)
+    expect = lerp(t, s, 0.999)
+    with no_host_sync(device):
+        update(backend, [t], [s], 0.999)
+    tol = MOMENTUM_TOL[dtype]
+    torch.testing.assert_close(t, expect, rtol=tol, atol=tol)
+
+
+@requires_cuda
+@on_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("t_off, s_off", [(0, 0), (1, 1), (3, 3), (1, 2), (2, 0)])
+@pytest.mark.parametrize("n", [1, 5, 17, 1031, 70001])
+def test_gpu_contract_any_offset_and_length(backend, device, dtype, t_off, s_off, n):
+    """Targets/sources at every element offset within 16 bytes, same or different, lengths N % 16 != 0:
+    the masked edge slots write exactly the pair's elements."""
+    buf_t = torch.randn(n + 64, device=device).to(dtype)
+    buf_s = torch.randn(n + 64, device=device).to(dtype)
+    before = buf_t.clone()
+    t, s = buf_t[t_off : t_off + n], buf_s[s_off : s_off + n]
+    expect = lerp(t, s, 0.99)
+    update(backend, [t], [s], 0.99)
+    tol = MOMENTUM_TOL[dtype]
+    torch.testing.assert_close(t, expect, rtol=tol, atol=tol)
+    outside = torch.ones(n + 64, dtype=torch.bool, device=device)
+    outside[t_off : t_off + n] = False
+    assert torch.equal(buf_t[outside], before[outside])
+    # the same pair through the table kernel (two pairs: one launch with a device table)
+    buf_t.copy_(before)
+    update(backend, [t, buf_t[-3:]], [s, buf_s[-3:]], 0.99)
+    torch.testing.assert_close(t, expect, rtol=tol, atol=tol)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_gpu_contract_resnet50_sized(backend, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    sizes = [2359296, 1048576, 262144, 65536, 4096, 2048, 512, 256, 64, 10] * 16
+    ts = [torch.randn(s, device=device, generator=g) for s in sizes]
+    ss = [torch.randn(s, device=device, generator=g) for s in sizes]
+    want = [lerp(t, s, 0.999) for t, s in zip(ts, ss)]
+    update(backend, ts, ss, 0.999)
+    assert all(close_1ulp(t, w) for t, w in zip(ts, want))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,6 +591,23 @@ def test_encoder_reuses_its_plan_and_rebuilds_it_when_parameters_move(monkeypatc
     assert len(builds) == 3
 
 
+def test_encoder_rebuilds_its_plan_when_a_parameter_gets_new_storage():
+    """``p.data = ...`` registers nothing but gives the parameter new storage: the cached plan (which holds
+    the old tensors) must not be reused, or the update would read the old values."""
+    online = SmallCNN()
+    enc = MomentumEncoder(online, momentum=0.9, exact=True)
+    official = copy.deepcopy(online)
+    enc.update()
+    reference_momentum_update(official, online, 0.9)
+    with torch.no_grad():
+        online.fc.weight.data = online.fc.weight.data * 2 + 1  # new storage, same Parameter object
+        online.features[0].bias.data = torch.randn_like(online.features[0].bias)
+    enc.update()
+    reference_momentum_update(official, online, 0.9)
+    for (name, p), q in zip(enc.module.named_parameters(), official.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
 def test_encoder_update_from_another_model():
     online = SmallCNN()
     other = SmallCNN()
@@ -415,10 +683,7 @@ def test_flat_buffer_survives_dtype_conversion(convert):
     # the update still works (and writes into the flat buffer) once the online model matches
     online.to(dtype)
     sgd_like_step(online)
-    exact = [
-        p.double() * 0.9 + o.double() * (1.0 - 0.9)
-        for p, o in zip(enc.module.parameters(), online.parameters(), strict=True)
-    ]
+    exact = [ema64(p, o, 0.9) for p, o in zip(enc.module.parameters(), online.parameters(), strict=True)]
     enc.update()
     for p, e in zip(enc.module.parameters(), exact, strict=True):
         assert p.dtype == dtype

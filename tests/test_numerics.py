@@ -4,20 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import NEW_PRECISION_API
 
 from moco_fast import numerics
-
-NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
-
-
-@pytest.fixture
-def restore_precision():
-    """Put both APIs back to their defaults afterwards (conftest's fixture reads the legacy getter)."""
-    yield
-    if NEW_API:
-        torch.backends.fp32_precision = "none"
-        torch.backends.cuda.matmul.fp32_precision = "none"
-    torch.set_float32_matmul_precision("highest")
 
 
 def test_constants():
@@ -31,7 +20,7 @@ def test_legacy_api(restore_precision, legacy, expected):
     assert numerics.fp32_matmul_precision() == expected
 
 
-@pytest.mark.skipif(not NEW_API, reason="torch < 2.9 has no fp32_precision API")
+@pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision API")
 @pytest.mark.parametrize("global_setting", ["none", "tf32", "ieee"])
 @pytest.mark.parametrize("matmul_setting, expected", [("tf32", "tf32"), ("ieee", "ieee")])
 def test_new_api_never_raises(restore_precision, global_setting, matmul_setting, expected):
@@ -43,7 +32,7 @@ def test_new_api_never_raises(restore_precision, global_setting, matmul_setting,
     assert numerics.fp32_matmul_precision() == expected
 
 
-@pytest.mark.skipif(not NEW_API, reason="torch < 2.9 has no fp32_precision API")
+@pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision API")
 def test_new_global_setting_is_inherited(restore_precision):
     torch.backends.cuda.matmul.fp32_precision = "none"  # conftest's legacy "highest" set it to "ieee"
     torch.backends.fp32_precision = "tf32"

@@ -1,37 +1,21 @@
-"""KeyQueue: ring semantics against a plain Python model, persistence, NaN/Inf safety, dtypes, checks."""
+"""KeyQueue and the backends' enqueue_: ring semantics against the queue model (oracle.RingModel),
+persistence, NaN/Inf safety (all or nothing), dtypes, checks — the contract function on every backend."""
 
 from __future__ import annotations
 
 import io
 import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import contract, no_host_sync, requires_cuda
+from oracle import RingModel, close_1ulp
 
 from moco_fast import KeyQueue, NonFiniteKeysError
 
-
-class RingModel:
-    """The contract in plain Python: row (ptr + i) mod K gets key i; ptr += B mod K; count saturates."""
-
-    def __init__(self, size: int, dim: int):
-        self.size, self.dim = size, dim
-        self.rows: list[list[float] | None] = [None] * size
-        self.ptr = 0
-        self.count = 0
-
-    def enqueue(self, keys: torch.Tensor) -> None:
-        batch = keys.shape[0]
-        for i in range(batch):
-            self.rows[(self.ptr + i) % self.size] = keys[i].tolist()
-        self.ptr = (self.ptr + batch) % self.size
-        self.count = min(self.count + batch, self.size)
-
-    def negatives(self) -> torch.Tensor:
-        filled = [r for r in self.rows[: self.count]]
-        assert all(r is not None for r in filled)
-        return torch.tensor(filled, dtype=torch.float32).reshape(self.count, self.dim)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small cases: see conftest.one_thread
 
 
 def state(queue: KeyQueue) -> dict[str, torch.Tensor]:
@@ -302,9 +286,10 @@ def test_enqueue_does_not_keep_autograd_history():
 def test_enqueue_copies_the_keys():
     queue = KeyQueue(4, 3)
     keys = torch.randn(2, 3)
+    written = keys.clone()
     queue.enqueue(keys)
-    keys.fill_(5.0)
-    assert not torch.equal(queue.negatives(), keys)
+    keys.fill_(5.0)  # the caller reuses its buffer: the queue keeps what was enqueued
+    assert torch.equal(queue.negatives(), written)
 
 
 def test_non_contiguous_keys():
@@ -399,29 +384,146 @@ def test_constructor_checks(kwargs, exc, match):
 
 
 # ------------------------------------------------------------------------------------------------
-# the torch backend's two write paths (host pointer on CPU, device pointer elsewhere), both on CPU
+# the backends' enqueue_ (the contract) on every backend
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["_enqueue_host_", "_enqueue_device_"])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_torch_enqueue_paths_match_ring_model_and_reject_nan(path, normalize):
-    from moco_fast.torch_backend import enqueue as chunked
+def state_tensors(K, d, dtype, ptr, count, device):
+    """A (K, d) queue of random rows in ``dtype`` and its (1,) int64 ptr and count."""
+    queue = torch.randn(K, d, device=device).to(dtype)
+    return queue, torch.tensor([ptr], device=device), torch.tensor([count], device=device)
 
-    write = getattr(chunked, path)
-    size, dim = 10, 6
-    queue = torch.full((size, dim), float("nan"), dtype=torch.bfloat16)
-    ptr, count = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-    model = RingModel(size, dim)
-    for batch in (3, 7, 1, 10, 4, 9, 2):
-        keys = torch.randn(batch, dim) * 3
-        assert bool(write(queue, ptr, count, keys, normalize).item())
-        written = F.normalize(keys, dim=1) if normalize else keys
-        model.enqueue(written.to(torch.bfloat16).float())
-        assert ptr.tolist() == [model.ptr] and count.tolist() == [model.count]
-        assert torch.equal(queue[: model.count].float(), model.negatives())
-    before = (queue.clone(), ptr.clone(), count.clone())
-    bad = torch.randn(4, dim)
-    bad[2, 1] = float("inf")
-    assert not bool(write(queue, ptr, count, bad, normalize).item())
-    assert all(torch.equal(a, b) for a, b in zip(before, (queue, ptr, count)))
+
+@pytest.mark.parametrize(
+    "K,B,d,ptr0,count0,qdt,kdt,normalize",
+    [
+        (10, 3, 16, 0, 0, torch.float32, torch.float32, False),
+        (10, 4, 16, 8, 8, torch.float32, torch.float32, True),  # wraps around
+        (37, 37, 96, 5, 37, torch.bfloat16, torch.float32, True),  # B == K, full queue
+        (1000, 130, 128, 950, 990, torch.float16, torch.bfloat16, False),
+        (64, 7, 128, 63, 10, torch.float32, torch.float64, True),
+    ],
+)
+def test_contract_enqueue_matches_ring_model(backend, device, K, B, d, ptr0, count0, qdt, kdt, normalize):
+    queue, ptr, count = state_tensors(K, d, qdt, ptr0, count0, device)
+    keys = (torch.randn(B, d) * 3).to(kdt).to(device)
+    model = RingModel(K, d, queue, ptr0, count0)
+    model.enqueue(keys, normalize)
+    ok = contract(backend).enqueue_(queue, ptr, count, keys, normalize)
+    assert ok.dtype == torch.bool and ok.shape == (1,) and ok.item() is True
+    assert ptr.item() == model.ptr and count.item() == model.count
+    assert close_1ulp(queue, model.buffer(qdt))
+
+
+def test_contract_enqueue_wraps_around(backend, device):
+    queue, ptr, count = state_tensors(10, 7, torch.float32, 8, 8, device)
+    before = queue.clone()
+    keys = torch.randn(5, 7, device=device)
+    with no_host_sync(device):
+        ok = contract(backend).enqueue_(queue, ptr, count, keys, False)
+    assert ok.dtype == torch.bool and ok.shape == (1,) and bool(ok)
+    rows = [8, 9, 0, 1, 2]
+    torch.testing.assert_close(queue[rows], keys, rtol=0, atol=0)
+    torch.testing.assert_close(queue[3:8], before[3:8], rtol=0, atol=0)
+    assert ptr.item() == 3 and count.item() == 10
+
+
+@pytest.mark.parametrize("qdt", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kdt", [torch.float32, torch.bfloat16, torch.float64])
+def test_contract_enqueue_normalizes_and_casts(backend, device, qdt, kdt):
+    K, d, B = 37, 96, 37  # B == K: every row, starting mid-queue
+    queue, ptr, count = state_tensors(K, d, qdt, 5, 0, device)
+    keys = (torch.randn(B, d, device=device) * 3).to(kdt)
+    ok = contract(backend).enqueue_(queue, ptr, count, keys, True)
+    assert bool(ok) and ptr.item() == 5 and count.item() == 37
+    expect = F.normalize(keys.double(), dim=1).to(qdt)
+    got = queue[(5 + torch.arange(B, device=device)) % K]
+    tol = {torch.float32: 1e-6, torch.float64: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[qdt]
+    torch.testing.assert_close(got.double(), expect.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_contract_enqueue_non_finite_writes_nothing(backend, device, bad):
+    K, B, d = 50, 20, 96
+    queue = torch.randn(K, d, device=device)
+    keys = torch.randn(B, d, device=device)
+    keys[B - 1, d - 1] = bad  # the very last value: a partial write would already have happened
+    ptr = torch.tensor([45], dtype=torch.int64, device=device)
+    count = torch.tensor([45], dtype=torch.int64, device=device)
+    before = queue.clone()
+    impl = contract(backend)
+    ok = impl.enqueue_(queue, ptr, count, keys, True)
+    assert ok.item() is False
+    assert torch.equal(queue, before)
+    assert ptr.item() == 45 and count.item() == 45
+    keys[B - 1, d - 1] = 0.5  # fixed: now it goes in
+    ok = impl.enqueue_(queue, ptr, count, keys, False)
+    assert ok.item() is True and ptr.item() == (45 + B) % K and count.item() == K
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_contract_enqueue_rejects_non_finite_keys_atomically(backend, device, bad):
+    queue, ptr, count = state_tensors(64, 33, torch.bfloat16, 60, 60, device)
+    before = queue.clone()
+    keys = torch.randn(9, 33, device=device)
+    keys[8, 32] = bad  # the very last element
+    ok = contract(backend).enqueue_(queue, ptr, count, keys, True)
+    assert not bool(ok)
+    assert torch.equal(queue.view(torch.int16), before.view(torch.int16))
+    assert ptr.item() == 60 and count.item() == 60
+
+
+def test_key_queue_on_every_backend(backend, device):
+    """KeyQueue(backend=...) through the backend: wraps, refuses a NaN batch whole."""
+    queue = KeyQueue(10, 16, gather_distributed=False, device=device, backend=backend)
+    keys = torch.randn(4, 16, device=device)
+    model = RingModel(10, 16)
+    for step in range(3):  # 12 keys into 10 slots: wraps
+        queue.enqueue(keys + step)
+        model.enqueue(keys + step)
+    assert int(queue.ptr) == 2 and int(queue.count) == 10
+    assert torch.equal(queue.negatives().cpu(), model.negatives())
+    bad = keys.clone()
+    bad[1, 1] = float("nan")
+    before = queue.keys.clone()
+    with pytest.raises(ValueError):
+        queue.enqueue(bad)
+        queue.check()  # on a GPU the refusal is raised by the next call or check()
+    assert torch.equal(queue.keys, before) and int(queue.ptr) == 2
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda"], indirect=True)
+def test_gpu_contract_enqueue_large_batch_and_sequence(backend, device):
+    K, d = 65536, 128
+    queue, ptr, count = state_tensors(K, d, torch.bfloat16, 0, 0, device)
+    seen = []
+    for B in (4096, 7, 65536, 1000):
+        keys = torch.randn(B, d, device=device)
+        start = ptr.item()
+        ok = contract(backend).enqueue_(queue, ptr, count, keys, True)
+        assert bool(ok)
+        rows = (start + torch.arange(B, device=device)) % K
+        torch.testing.assert_close(queue[rows].float(), F.normalize(keys, dim=1).bfloat16().float(), rtol=0, atol=8e-3)
+        seen.append(B)
+        assert ptr.item() == (start + B) % K and count.item() == min(sum(seen), K)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_gpu_contract_enqueue_no_host_sync_and_wraps(backend, device):
+    K, d = 65536, 128
+    queue = torch.randn(K, d, device=device, dtype=torch.bfloat16)
+    ptr = torch.tensor([K - 100], dtype=torch.int64, device=device)
+    count = torch.tensor([K], dtype=torch.int64, device=device)
+    keys = torch.randn(4096, d, device=device)
+    model = RingModel(K, d, queue, K - 100, K)
+    model.enqueue(keys, normalize=True)
+    impl = contract(backend)
+    ok = impl.enqueue_(queue, ptr, count, keys, True)
+    assert ok.item() is True and ptr.item() == model.ptr and count.item() == model.count
+    assert close_1ulp(queue, model.buffer(torch.bfloat16))
+    keys[0, 0] = math.nan
+    before = queue.clone()
+    assert impl.enqueue_(queue, ptr, count, keys, True).item() is False
+    assert torch.equal(queue, before) and ptr.item() == model.ptr

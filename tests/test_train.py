@@ -5,11 +5,10 @@ Every run here is tiny (a few dozen MNIST-5k images, a 4-channel CNN, 1 thread) 
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-from conftest import train_dependency
+from conftest import free_port, train_dependency
 
 # These tests need the "train" extra: they skip without it, except in CI (MOCO_FAST_REQUIRE_TRAIN_DEPS=1), which
 # must fail loudly rather than skip the resume and 2-process tests. Install with: pip install -e ".[test,train]"
@@ -276,12 +275,6 @@ def test_image_folder(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out, overrides):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -316,7 +309,7 @@ def test_two_processes_share_one_queue(tmp_path):
     import torch.multiprocessing as mp
 
     overrides = {**TINY, "out": str(tmp_path / "ddp"), "batch_size": 8, "queue_size": 64, "max_steps": 3, "epochs": 1}
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), overrides), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), overrides), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # 3 steps x global batch 16 keys, all-gathered: both ranks hold the same 48 keys in the same order
     assert int(r0["count"]) == int(r1["count"]) == 48 and int(r0["ptr"]) == int(r1["ptr"]) == 48
