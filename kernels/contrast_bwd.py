@@ -13,6 +13,8 @@ Shapes: grad (M,) fp32, q (M, d), keys (N, d), target (M,) int64, exclude (M,) i
 lse (M,) fp32; dk (N, d) in keys.dtype.
 """
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -82,6 +84,15 @@ def contrast_bwd_keys_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def keys_config(dp: int, dot_name: str, cc: tuple[int, int], interpret: bool, precision: str) -> H.TileConfig:
+    """heuristics.bwd_dn_config, with 8 warps for fp32 dots: the excluded-column and target masks add
+    registers, and the 4-warp fp32 tiles spill on sm_90 (tests/machine_code/test_contrast_kernels_compile.py)."""
+    cfg = H.bwd_dn_config(dp, dot_name, cc, interpret, precision)
+    if not interpret and dot_name == "float32":
+        cfg = dataclasses.replace(cfg, num_warps=8)
+    return cfg
+
+
 def contrast_backward_keys(grad, q, keys, target, exclude, lse, scale, *, config=None):
     """dk (N, d) in keys.dtype; inputs validated and contiguous."""
     N, d = keys.shape
@@ -91,7 +102,7 @@ def contrast_backward_keys(grad, q, keys, target, exclude, lse, scale, *, config
     dp = H.d_pad(d)
     dot_name, dot_tl, prec = dot_setup(q, keys)
     _, cc = device_info(q.device)
-    cfg = config or H.bwd_dn_config(dp, dot_name, cc, INTERPRETED, prec)
+    cfg = config or keys_config(dp, dot_name, cc, INTERPRETED, prec)
     has_excl = exclude is not None
     with device_guard(q):
         contrast_bwd_keys_kernel[(H.cdiv(N, cfg.block_n),)](

@@ -146,6 +146,24 @@ def test_core_raw_rows_and_low_temperature(backend):
         check_core(m, n, 96, (F32, F32), 0.02, backend, excl, normalized=False)
 
 
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_core_without_stats_or_exclusion(monkeypatch, fused):
+    """No rank and no excluded column: CPU fp32 takes PyTorch's fused attention kernel (MOCO_FAST_CPU_FUSED_ATTENTION
+    toggles it); both paths against float64."""
+    monkeypatch.setenv("MOCO_FAST_CPU_FUSED_ATTENTION", fused)
+    for m, n, d in [(1, 300, 16), (37, 7, 130), (300, 37, 96)]:
+        q, keys = rows(m, d, F32, normalized=False), rows(n, d, F32)
+        target = torch.randint(n, (m,))
+        ref = oracle(q, keys, target, None, 0.1)
+        qq, kk = q.clone().requires_grad_(), keys.clone().requires_grad_()
+        loss = moco_fast.contrastive_cross_entropy(qq, kk, target, 0.1, reduction="none")
+        loss.sum().backward()
+        atol = 8 * EPS32 * ref["scale"].norm().item()
+        assert_close(loss, ref["loss"], F32, atol, f"loss {m} {n} {d}")
+        assert_close(qq.grad, ref["dq"], F32, 40 * atol, f"dq {m} {n} {d}")
+        assert_close(kk.grad, ref["dk"], F32, 40 * atol, f"dk {m} {n} {d}")
+
+
 def test_torch_backend_small_tiles_and_an_all_excluded_tile():
     """Tiles of 3 rows × 1 key: many tiles, and tiles whose only key is excluded (max stays -inf)."""
     from moco_fast.torch_backend import contrast as C

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..validation import compute_dtype
+from .infonce import fused_attention
 
 # Elements of one score tile (rows × keys): 2**20 fp32 = 4 MiB.
 _TILE_ELEMENTS = 1 << 20
@@ -59,8 +60,17 @@ def contrast_forward(
 ):
     """(loss (M,), lse (M,), dloss_dq (M, d), rank (M,) int64); fp32 (fp64 for fp64 inputs).
 
-    rank_i = #{j ∉ {t_i, e_i} : q_i·k_j > q_i·k_{t_i}}; with ``need_rank=False`` it is -1s.
+    rank_i = #{j ∉ {t_i, e_i} : q_i·k_j > q_i·k_{t_i}}; with ``need_rank=False`` it is -1s. Without an
+    excluded column and without the rank, CPU fp32 inputs go through PyTorch's fused CPU attention
+    kernel (faster here; infonce.fused_attention) when it runs.
     """
+    if exclude is None and not need_rank and block is None:
+        fused = fused_attention(q, keys, scale)
+        if fused is not None:
+            out, lse = fused
+            k_target = keys.index_select(0, target)
+            pos = (q * scale * k_target).sum(dim=1)
+            return lse - pos, lse, (out - k_target) * scale, torch.full_like(target, -1)
     ct = compute_dtype(q, keys)
     rows, dim = q.shape
     num_keys = keys.shape[0]

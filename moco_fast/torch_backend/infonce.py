@@ -83,21 +83,31 @@ def infonce_forward(
 _FUSED_ATTENTION_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _fused_attention_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, scale: float):
-    """(loss, lse, out, rank=-1) via the fused CPU attention kernel plus an analytic merge of the positive, or None."""
+def fused_attention(q: torch.Tensor, keys: torch.Tensor, scale: float):
+    """(O (M, d), lse (M,)) of softmax(scale·q·keysᵀ) over keys (V = K) by the fused CPU kernel, or None
+    when it does not apply (not CPU fp32, no keys, disabled, or the kernel refuses)."""
     if (
         _FUSED_ATTENTION_OP is None
         or os.environ.get("MOCO_FAST_CPU_FUSED_ATTENTION", "1") == "0"
         or q.device.type != "cpu"
-        or negatives.shape[0] == 0
-        or any(t.dtype != torch.float32 for t in (q, k, negatives))
+        or keys.shape[0] == 0
+        or q.dtype != torch.float32
+        or keys.dtype != torch.float32
     ):
         return None
     try:
-        out_neg, lse_neg = _FUSED_ATTENTION_OP(q[None, None], negatives[None, None], negatives[None, None], scale=scale)
+        out, lse = _FUSED_ATTENTION_OP(q[None, None], keys[None, None], keys[None, None], scale=scale)
     except (RuntimeError, TypeError, NotImplementedError):
         return None
-    out_neg, lse_neg = out_neg.reshape(q.shape), lse_neg.reshape(q.shape[0])
+    return out.reshape(q.shape), lse.reshape(q.shape[0])
+
+
+def _fused_attention_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, scale: float):
+    """(loss, lse, out, rank=-1) via the fused CPU attention kernel plus an analytic merge of the positive, or None."""
+    fused = fused_attention(q, negatives, scale) if k.dtype == torch.float32 else None
+    if fused is None:
+        return None
+    out_neg, lse_neg = fused
     pos = (q * scale * k).sum(dim=1)
     lse = torch.logaddexp(lse_neg, pos)
     out = out_neg * torch.exp(lse_neg - lse)[:, None] + k * torch.exp(pos - lse)[:, None]
