@@ -85,11 +85,12 @@ def contrast_bwd_keys_kernel(
 
 
 def keys_config(dp: int, dot_name: str, cc: tuple[int, int], interpret: bool, precision: str) -> H.TileConfig:
-    """heuristics.bwd_dn_config, with 8 warps for fp32 dots: the excluded-column and target masks add
-    registers, and the 4-warp fp32 tiles spill on sm_90 (tests/machine_code/test_contrast_kernels_compile.py)."""
+    """heuristics.bwd_dn_config, with 8 warps for fp32 dots (and one stage for IEEE ones): the excluded-column
+    and target masks add registers, and the InfoNCE tiles spill on sm_90 otherwise (triton 3.8: the 4-warp
+    fp32 tiles; 3.6: the 2-stage IEEE one; tests/machine_code/test_contrast_kernels_compile.py)."""
     cfg = H.bwd_dn_config(dp, dot_name, cc, interpret, precision)
     if not interpret and dot_name == "float32":
-        cfg = dataclasses.replace(cfg, num_warps=8)
+        cfg = dataclasses.replace(cfg, num_warps=8, num_stages=1 if precision == "ieee" else cfg.num_stages)
     return cfg
 
 

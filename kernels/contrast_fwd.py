@@ -28,6 +28,8 @@ Dot dtype rules are infonce_fwd.py's (equal half types on tensor cores, any mix 
 PRECISION for fp32 dots, EMULATE in the interpreter).
 """
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -137,6 +139,20 @@ def contrast_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+#: warps of the combine kernel: 8, since its 32-row, 2-split tile spills at 4 warps under triton 3.6
+COMBINE_WARPS = 8
+
+
+def sweep_config(dp: int, dot_name: str, cc: tuple[int, int], interpret: bool, precision: str) -> H.TileConfig:
+    """heuristics.fwd_config (InfoNCE's sweep has the same loop), with 16-row, 8-warp tiles for IEEE fp32 dots:
+    the target and exclusion compares add registers, and InfoNCE's 32-row tile spills under triton 3.6 on
+    sm_90 (tests/machine_code/test_contrast_kernels_compile.py)."""
+    cfg = H.fwd_config(dp, dot_name, cc, interpret, precision)
+    if not interpret and dot_name == "float32" and precision == "ieee":
+        cfg = dataclasses.replace(cfg, block_m=min(cfg.block_m, 16), num_warps=8)
+    return cfg
+
+
 def contrast_forward(q, keys, target, exclude, scale, need_rank=True, *, num_splits=None, config=None, fuse=None):
     """(loss (M,) fp32, lse (M,) fp32, dloss_dq (M, d) fp32, rank (M,) int64); inputs validated.
 
@@ -154,7 +170,7 @@ def contrast_forward(q, keys, target, exclude, scale, need_rank=True, *, num_spl
     dp = H.d_pad(d)
     dot_name, dot_tl, prec = dot_setup(q, keys)
     num_sms, cc = device_info(dev)
-    cfg = config or H.fwd_config(dp, dot_name, cc, INTERPRETED, prec)
+    cfg = config or sweep_config(dp, dot_name, cc, INTERPRETED, prec)
     row_blocks = H.cdiv(M, cfg.block_m)
     n_tiles = H.cdiv(N, cfg.block_n)
     if num_splits is None:
@@ -246,6 +262,6 @@ def contrast_forward(q, keys, target, exclude, scale, need_rank=True, *, num_spl
             BLOCK_M=bmc,
             BLOCK_S=H.combine_block_s(bmc, dp),
             D_PAD=dp,
-            num_warps=4,
+            num_warps=COMBINE_WARPS,
         )
     return loss, lse, out, rank

@@ -23,16 +23,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 SMEM_LIMIT_SM90 = 232448
 TL = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+if __name__ == "__main__":  # the worker (maybe under another triton's interpreter): this checkout's moco_fast
+    sys.path.insert(0, REPO)
 
 
 def specs() -> list[dict]:
     """(kernel, argument types, constexprs, warps, stages) for the sm_90 configs the launchers pick."""
     from moco_fast.kernels import heuristics as H
     from moco_fast.kernels.contrast_bwd import keys_config
+    from moco_fast.kernels.contrast_fwd import COMBINE_WARPS, sweep_config
 
     out = []
     # d = 128 in every dot mode, d = 256 (the largest D_PAD) in bf16 and tf32.
     for d, dt, prec in [
+        (256, "float32", "ieee"),
         (128, "bfloat16", "ieee"),
         (128, "float32", "tf32"),
         (128, "float32", "ieee"),
@@ -42,7 +46,7 @@ def specs() -> list[dict]:
         dp = H.d_pad(d)
         dot = H.dot_dtype_name(dt, dt)
         tensor_cores = prec != "ieee" or dot != "float32"
-        cfg = H.fwd_config(dp, dot, (9, 0), precision=prec)
+        cfg = sweep_config(dp, dot, (9, 0), False, prec)
         finals = [False, True] if H.fuse_single_split(dp, dot, (9, 0)) else [False]
         for final, excl in (
             [(False, False)] + [(f, True) for f in finals] if dt == "bfloat16" and d == 128 else [(False, True)]
@@ -141,7 +145,7 @@ def specs() -> list[dict]:
                     scale="fp32",
                 ),
                 consts=dict(BLOCK_M=bm, BLOCK_S=H.combine_block_s(bm, dp), D_PAD=dp),
-                warps=4,
+                warps=COMBINE_WARPS,
                 stages=3,
                 tensor_cores=False,
             )
@@ -293,7 +297,6 @@ def test_dots_use_tensor_cores(compiled, name):
 
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
-        sys.path.insert(0, REPO)
         _worker(sys.argv[2], *(int(a) for a in sys.argv[3:5]))
     else:
         sys.exit(pytest.main([__file__, "-q"]))
