@@ -238,7 +238,6 @@ def test_gradcheck_fp64():
         )
 
     assert torch.autograd.gradcheck(f, (q, keys))
-    assert torch.autograd.gradgradcheck is not None  # (double backward is not supported: no create_graph path)
 
 
 def test_core_bad_input_names_the_argument():
@@ -402,3 +401,33 @@ def test_cmc_bad_input():
         moco_fast.cmc_loss([rows(4, 8, F32), rows(4, 8, F32), rows(5, 8, F32)])
     with pytest.raises(TypeError, match="sequence"):
         moco_fast.cmc_loss(rows(4, 8, F32))
+
+
+# ------------------------------------------------------------------------------------------------
+# registration: opcheck (schema, fake kernel, autograd) and torch.compile
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_exclude", [False, True])
+@pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, F32)], ids=["fp32", "bf16-fp32"])
+def test_opcheck_contrast_ops(with_exclude, dtypes):
+    q = rows(5, 16, dtypes[0]).requires_grad_()
+    keys = rows(9, 16, dtypes[1]).requires_grad_()
+    target = torch.tensor([0, 3, 8, 1, 1])
+    exclude = torch.tensor([2, -1, 0, 4, 5]) if with_exclude else None
+    torch.library.opcheck(torch.ops.moco_fast.contrast_forward.default, (q, keys, target, exclude, 5.0, "torch", True))
+    _, lse, _, _ = torch.ops.moco_fast.contrast_forward(q, keys, target, exclude, 5.0, "torch")
+    torch.library.opcheck(
+        torch.ops.moco_fast.contrast_backward_keys.default,
+        (torch.rand(5), q.detach(), keys.detach(), target, exclude, lse, 5.0, "torch"),  # no double backward
+    )
+
+
+def test_nt_xent_under_torch_compile():
+    z0, z1 = rows(7, 16, F32).requires_grad_(), rows(7, 16, F32).requires_grad_()
+    compiled = torch.compile(lambda a, b: moco_fast.nt_xent(a, b, 0.5, backend="torch"), fullgraph=True)
+    loss = compiled(z0, z1)
+    grads = torch.autograd.grad(loss, (z0, z1))
+    ref, g0, g1 = nt_xent_oracle(z0, z1, 0.5)
+    assert abs(loss.item() - ref.mean().item()) < 1e-5
+    assert torch.allclose(grads[0].double(), g0, atol=1e-5) and torch.allclose(grads[1].double(), g1, atol=1e-5)
