@@ -396,8 +396,43 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true", help=f"2N over {SWEEP_ROWS}")
     p.add_argument("--backends", nargs="+", default=None, help="rows to run (default all)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--plot", metavar="PNG", help="write a PNG of time and memory against 2N")
+    p.add_argument("--plot-from", metavar="JSON", help="only plot an existing JSON result (with --plot)")
     p.add_argument("--_memory-child", dest="_memory_child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def plot(payload: dict, path: str) -> None:
+    """fwd+bwd time and peak extra memory against 2N, one line per row (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    results = [r for r in payload["results"] if "fwd_bwd_s" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
+    for name in dict.fromkeys(r["row"] for r in results):
+        rows = sorted((r for r in results if r["row"] == name), key=lambda r: r["2N"])
+        axes[0].plot([r["2N"] for r in rows], [r["fwd_bwd_s"] for r in rows], "o-", label=name)
+        mem = [r for r in rows if r.get("peak_extra_bytes")]
+        axes[1].plot([r["2N"] for r in mem], [r["peak_extra_bytes"] / 2**20 for r in mem], "o-", label=name)
+    for ax, label in zip(axes, ("fwd+bwd (s)", "peak extra memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("2N (rows of both views)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    m = payload["machine"]
+    fig.suptitle(
+        f"NT-Xent fwd+bwd, d={results[0]['d']} {results[0]['dtype']}, {m.get('gpu', m['cpu'])}, "
+        f"{m['torch_threads']} thread(s), {m['date_utc'][:10]}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def main(argv=None) -> int:
@@ -406,6 +441,10 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*TRITON_INTERPRET.*")
     if args._memory_child:
         memory_child(args)
+        return 0
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            plot(json.load(f), args.plot or args.plot_from.replace(".json", ".png"))
         return 0
     todo = cases(args)
     device = todo[0].device
