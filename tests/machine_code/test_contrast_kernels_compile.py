@@ -34,9 +34,9 @@ def specs() -> list[dict]:
     from moco_fast.kernels.contrast_fwd import COMBINE_WARPS, sweep_config
 
     out = []
-    # d = 128 in every dot mode, d = 256 (the largest D_PAD) in bf16 and tf32.
+    # d = 128 in every dot mode, d = 256 (the largest D_PAD) in bf16 and tf32. (d = 256 IEEE fp32 and the
+    # unexcluded split sweeps were built too, spill-free under triton 3.8 and 3.6; left out to keep this fast.)
     for d, dt, prec in [
-        (256, "float32", "ieee"),
         (128, "bfloat16", "ieee"),
         (128, "float32", "tf32"),
         (128, "float32", "ieee"),
@@ -48,9 +48,7 @@ def specs() -> list[dict]:
         tensor_cores = prec != "ieee" or dot != "float32"
         cfg = sweep_config(dp, dot, (9, 0), False, prec)
         finals = [False, True] if H.fuse_single_split(dp, dot, (9, 0)) else [False]
-        for final, excl in (
-            [(False, False)] + [(f, True) for f in finals] if dt == "bfloat16" and d == 128 else [(False, True)]
-        ):
+        for final, excl in [(f, True) for f in finals] if dt == "bfloat16" and d == 128 else [(False, True)]:
             out.append(
                 dict(
                     name=f"contrast_fwd_d{d}_{dt}_{prec}{'_final' if final else ''}{'_excl' if excl else ''}",
