@@ -94,3 +94,47 @@ def test_queue(row, timed):
     assert torch.equal(impl.contents()[:256], keys[0]) and torch.equal(impl.contents()[256:512], keys[1])
     step = itertools.cycle(keys)
     timed(lambda: impl.enqueue(next(step)))
+
+
+# ---------------------------------------------------------------------------------------------- NT-Xent / memory bank
+# --- NT-Xent / MoCo v3 / CMC / memory bank
+
+import bench_memory_bank  # noqa: E402
+import bench_ntxent  # noqa: E402
+
+NTXENT_CASE = bench_ntxent.Case(rows=512, dim=128, dtype=torch.float32, device=DEVICE)
+NTXENT_ROWS = {row.name: row for row in bench_ntxent.all_rows()}
+BANK_CASE = bench_memory_bank.Case(batch=64, bank=20000, dim=128, dtype=torch.float32, device=DEVICE)
+BANK_ROWS = {row.name: row for row in bench_memory_bank.loss_rows()}
+
+
+def _checked(rows, name, case, inputs, reference):
+    """(row, state) after checking the row against the reference row's (loss, grads)."""
+    row = rows[name]
+    reason = row.available(case)
+    if reason:
+        pytest.skip(reason)
+    ref_row = rows[reference]
+    ref = ref_row.fwd_bwd(ref_row.setup(case), *inputs)
+    state = row.setup(case)
+    loss, grads = row.fwd_bwd(state, *inputs)
+    expected = [bench_ntxent.radial_free(g, x) for g, x in zip(ref[1], inputs)] if row.radial_free else ref[1]
+    assert abs(float(loss) - float(ref[0])) <= 1e-4
+    assert all(bench_ntxent._rel(g, e) <= 1e-4 for g, e in zip(grads, expected))
+    return row, state
+
+
+@pytest.mark.benchmark(group="nt_xent fwd+bwd 2N=512 d=128 fp32")
+@pytest.mark.parametrize("name", list(NTXENT_ROWS))
+def test_ntxent(name, timed):
+    inputs = bench_ntxent.make_inputs(NTXENT_CASE)
+    row, state = _checked(NTXENT_ROWS, name, NTXENT_CASE, inputs, "naive")
+    timed(row.fwd_bwd, state, *inputs)
+
+
+@pytest.mark.benchmark(group="memory-bank exact softmax fwd+bwd B=64 N=20000 d=128 fp32")
+@pytest.mark.parametrize("name", list(BANK_ROWS))
+def test_memory_bank_softmax(name, timed):
+    inputs = bench_memory_bank.make_inputs(BANK_CASE)
+    row, state = _checked(BANK_ROWS, name, BANK_CASE, inputs, "naive")
+    timed(row.fwd_bwd, state, *inputs)

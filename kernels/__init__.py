@@ -63,3 +63,16 @@ __all__ = [
     "momentum_update_",
     "enqueue_",
 ]
+
+# --- NT-Xent / MoCo v3 / CMC / memory bank: the contrastive cross-entropy core and the memory-bank update
+# (kernels and launchers together: contrast_fwd.py + contrast_combine.py, contrast_bwd.py, memory_bank.py)
+if AVAILABLE:
+    from .contrast_bwd import contrast_backward_keys
+    from .contrast_fwd import contrast_forward
+    from .memory_bank import memory_bank_update_
+else:
+    contrast_forward = contrast_backward_keys = memory_bank_update_ = _unavailable
+
+SUPPORT["contrast"] = Support(devices=_DEVICES, dtypes=_KERNEL_DTYPES, max_dim=256)
+SUPPORT["memory_bank_update"] = Support(devices=_DEVICES, dtypes=_KERNEL_DTYPES, contiguous=True)
+__all__ += ["contrast_forward", "contrast_backward_keys", "memory_bank_update_"]

@@ -24,6 +24,8 @@ import triton.language as tl
 
 from moco_fast import numerics
 
+from . import heuristics as H
+
 LOG2E = tl.constexpr(numerics.LOG2E)  # exp(x) == exp2(x * LOG2E)
 LN2 = tl.constexpr(numerics.LN2)  # log(x) == log2(x) * LN2
 
@@ -90,6 +92,12 @@ def device_guard(device: torch.device):
 
 def fp32_precision() -> str:
     return numerics.fp32_matmul_precision()
+
+
+def dot_setup(a: torch.Tensor, b: torch.Tensor):
+    """(dot dtype name, its tl dtype, fp32 precision "ieee" | "tf32") for dots of a and b tiles."""
+    name = H.dot_dtype_name(DTYPE_NAME[a.dtype], DTYPE_NAME[b.dtype])
+    return name, getattr(tl, name), fp32_precision()
 
 
 def dot_kernel_meta(config, d_pad: int, even_d: bool, dot_dtype: str, precision: str) -> dict:

@@ -9,6 +9,11 @@ The public API, nothing else:
 * :func:`concat_all_gather`, :func:`batch_shuffle_ddp`, :func:`batch_unshuffle_ddp` — DDP helpers.
 * :class:`MoCo` — the official MoCo builder's constructor on top of the above (forward returns
   ``(loss, stats)``, not logits and labels).
+* :func:`contrastive_cross_entropy` — the fused core of the in-batch / memory-bank losses: queries
+  against a key set with integer targets and an optional excluded column, no logits materialized.
+* :func:`nt_xent`, :class:`NTXentLoss` (SimCLR, lightly-compatible), :func:`mocov3_loss`,
+  :func:`cmc_loss` (multi-view CMC), :func:`all_gather_with_grad` — end-to-end dictionaries.
+* :class:`MemoryBank`, :class:`MemoryBankHead` — InstDisc / NPID, with the exact softmax over the bank.
 """
 
 from .backends import available_backends
@@ -18,6 +23,13 @@ from .functional import InfoNCEStats, info_nce, momentum_update
 from .head import MoCoHead
 from .momentum import MomentumEncoder, cosine_momentum
 from .queue import KeyQueue, NonFiniteKeysError
+
+# isort: split
+# --- NT-Xent / MoCo v3 / CMC / memory bank
+from .distributed import all_gather_with_grad
+from .functional import cmc_loss, cmc_pairs, contrastive_cross_entropy, mocov3_loss, nt_xent
+from .losses import NTXentLoss
+from .memory_bank import MemoryBank, MemoryBankHead, NonFiniteFeaturesError
 
 __version__ = "0.1.0"
 
@@ -35,4 +47,15 @@ __all__ = [
     "cosine_momentum",
     "info_nce",
     "momentum_update",
+    # --- NT-Xent / MoCo v3 / CMC / memory bank
+    "MemoryBank",
+    "MemoryBankHead",
+    "NTXentLoss",
+    "NonFiniteFeaturesError",
+    "all_gather_with_grad",
+    "cmc_loss",
+    "cmc_pairs",
+    "contrastive_cross_entropy",
+    "mocov3_loss",
+    "nt_xent",
 ]

@@ -44,6 +44,24 @@ function never hands work to another backend: given an input it cannot serve it 
     (ptr + i) mod K (L2-normalized first if ``normalize``, cast to queue.dtype), advances ptr and
     count on the device, and returns ok: a (1,) bool device tensor. If any key is NaN/Inf nothing is
     written, ptr and count stay, and ok is False — the caller decides whether to raise.
+
+--- NT-Xent / MoCo v3 / CMC / memory bank (op names "contrast", "memory_bank_update"):
+
+``contrast_forward(q, keys, target, exclude, scale, need_rank=True) -> (loss, lse, dloss_dq, rank)``
+    q (M, d), keys (N, d), any of fp32/bf16/fp16; target (M,) int64 in [0, N); exclude None or (M,)
+    int64 in [-1, N) (-1: none), never equal to target. Row i's logits are scale·q_i·k_j over every
+    j ≠ exclude_i (fp32 accumulation). loss: (M,) fp32 lse_i − scale·q_i·k_{t_i}; lse: (M,) fp32;
+    dloss_dq: (M, d) fp32 = scale·(Σ_j P_ij·k_j − k_{t_i}) = ∂loss_i/∂q_i (so the backward of q never
+    reads the keys); rank: (M,) int64 = #{j ∉ {t_i, exclude_i} : logit_ij > logit_{i,t_i}} (-1s allowed
+    with ``need_rank=False``). (fp64 inputs, torch/reference only: fp64 loss, lse, dloss_dq.)
+``contrast_backward_keys(grad, q, keys, target, exclude, lse, scale) -> dkeys``
+    dkeys_j = scale·Σ_i grad_i·(P_ij − [j = t_i])·q_i, (N, d) in keys.dtype; P recomputed blockwise
+    from lse, excluded entries 0. Only called when the keys require grad.
+``memory_bank_update_(bank, indices, features, momentum) -> ok``
+    bank (N, d) in place; indices (B,) int64 in [0, N); features (B, d). bank[i_b] ←
+    normalize(m·bank[i_b] + (1 − m)·f_b) in fp32 (x / max(‖x‖, 1e-12)), cast to bank.dtype. Duplicate
+    indices: the last occurrence in the batch wins, mixed with the row as it was before the batch.
+    All-or-nothing on non-finite features; returns ok, a (1,) bool device tensor (no host sync on a GPU).
 """
 
 from __future__ import annotations

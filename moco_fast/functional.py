@@ -6,15 +6,19 @@ its declared support, and the op (``moco_fast.ops``) or the backend's contract f
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, ops
+from .distributed import all_gather_with_grad, concat_all_gather, rank_and_world
 from .validation import (
     as_tensor_list,
+    check_indices,
     check_matrix,
     check_momentum,
     check_nonempty,
@@ -147,3 +151,206 @@ def momentum_update(
     momentum = check_momentum(momentum)
     plan = momentum_plan(as_tensor_list(target, "target"), as_tensor_list(source, "source"), backend, bool(exact))
     run_momentum_plan(plan, momentum, bool(exact))
+
+
+# ------------------------------------------------------------------------------------------------
+# --- NT-Xent / MoCo v3 / CMC / memory bank: one fused core, the contrastive cross-entropy
+# ------------------------------------------------------------------------------------------------
+
+
+def contrast(
+    q: Tensor, keys: Tensor, target: Tensor, exclude: Tensor | None, temperature: float, backend: str, need_rank: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The core op on validated inputs: (per-row loss, lse, rank). Callers build target/exclude themselves."""
+    impl = backends.select("contrast", backend, q.device, (q.dtype, keys.dtype), q.shape[1])
+    loss, lse, _, rank = ops.contrast_forward(q, keys, target, exclude, 1.0 / temperature, impl, need_rank)
+    return loss, lse, rank
+
+
+def _finish(loss: Tensor, lse: Tensor, rank: Tensor, reduction: str, return_stats: bool):
+    loss = reduce(loss, reduction)
+    return (loss, stats_from_rank(rank, lse)) if return_stats else loss
+
+
+def contrastive_cross_entropy(
+    q: Tensor,
+    keys: Tensor,
+    target: Tensor,
+    temperature: float = 0.1,
+    *,
+    exclude: Tensor | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_stats: bool = False,
+):
+    """Cross-entropy of each query against a shared key set, without materializing the logits.
+
+    Row i's logits are q_i·k_j / temperature over every key j except ``exclude[i]``; its target is
+    column ``target[i]``: loss_i = logsumexp_{j ≠ exclude_i}(q_i·k_j/T) − q_i·k_{target_i}/T. Inputs
+    are used as given (normalize them first). Gradients flow to q and to keys (when they require grad).
+    NT-Xent, MoCo v3, CMC and the memory bank's exact softmax are this op with particular key sets.
+
+    Args:
+        q: (M, d) queries, fp32/bf16/fp16 (fp64 on the "torch"/"reference" backends).
+        keys: (N, d) keys, any of those dtypes. Unless they require grad they are not read by the
+            backward, so they may be overwritten after the call (a memory bank update).
+        target: (M,) int64 column of each row's positive, in [0, N).
+        exclude: optional (M,) int64 column removed from each row's softmax, in [-1, N) (-1: none),
+            never equal to the target.
+        temperature, reduction, backend, return_stats: as :func:`info_nce` (stats: rank_i = keys other
+            than the target, not excluded, whose logit beats the target's).
+    """
+    check_matrix(q, "q")
+    check_matrix(keys, "keys")
+    check_nonempty(q, "q")
+    check_nonempty(keys, "keys")
+    if keys.shape[1] != q.shape[1]:
+        raise ValueError(f"keys have dim {keys.shape[1]} but q has dim {q.shape[1]}")
+    check_same_device(("q", q), ("keys", keys))
+    target = check_indices(target, "target", keys.shape[0], q, "q")
+    if exclude is not None:
+        exclude = check_indices(exclude, "exclude", keys.shape[0], q, "q", lower=-1)
+        if bool((exclude == target).any()):
+            raise ValueError("exclude must differ from target in every row (a row cannot exclude its positive)")
+    temperature = check_temperature(temperature)
+    check_reduction(reduction)
+    loss, lse, rank = contrast(q, keys, target, exclude, temperature, backend, return_stats)
+    return _finish(loss, lse, rank, reduction, return_stats)
+
+
+def nt_xent(
+    z0: Tensor,
+    z1: Tensor,
+    temperature: float = 0.5,
+    *,
+    reduction: str = "mean",
+    gather_distributed: bool = False,
+    backend: str = "auto",
+    return_stats: bool = False,
+):
+    """SimCLR's NT-Xent over the 2N rows z = [z0; z1], without the (2N)² logits.
+
+    Row a's logits are z_a·z_b/T over every b ≠ a; its positive is the other view of the same sample
+    (a ± N); loss_a = lse_{b≠a} − z_a·z_pos(a)/T, and the result reduces over the 2N rows. Inputs are
+    used as given (normalize first; :class:`moco_fast.NTXentLoss` does). Gradients flow to both views.
+    Extra memory O(N·d) whatever N is.
+
+    With ``gather_distributed`` under torch.distributed, each rank's 2N rows are contrasted against the
+    rows of every rank (its own included) and the gather carries the gradients back to each row's rank
+    (summed over ranks), so DDP trains exactly like one process on the global batch. Ranks pass equal N.
+
+    Args:
+        z0, z1: (N, d) the two views' embeddings, fp32/bf16/fp16 (fp64 on "torch"/"reference"); a mix of
+            dtypes computes in their promotion.
+        reduction: "mean" | "sum" | "none" ((2N,) per-row losses, z0's rows first).
+        return_stats: also return :class:`InfoNCEStats` over the 2N rows (rank among the 2N·world − 2 negatives).
+    """
+    check_matrix(z0, "z0")
+    check_matrix(z1, "z1")
+    if z1.shape != z0.shape:
+        raise ValueError(
+            f"z0 and z1 must have the same shape (one row per sample and view), got {tuple(z0.shape)} and "
+            f"{tuple(z1.shape)}"
+        )
+    check_same_device(("z0", z0), ("z1", z1))
+    if z0.shape[0] == 0:
+        raise ValueError("nt_xent needs at least 2 rows in total (z0 and z1 have 0 rows)")
+    temperature = check_temperature(temperature)
+    check_reduction(reduction)
+    dtype = torch.promote_types(z0.dtype, z1.dtype)
+    z = torch.cat([z0.to(dtype), z1.to(dtype)])
+    rows = z.shape[0]
+    rank, world = rank_and_world() if gather_distributed else (0, 1)
+    keys = all_gather_with_grad(z) if world > 1 else z  # rank r's rows are [r·2N, (r+1)·2N)
+    local = torch.arange(rows, device=z.device)
+    offset = rank * rows
+    target = offset + (local + rows // 2) % rows
+    loss, lse, rank_ = contrast(z, keys, target, offset + local, temperature, backend, return_stats)
+    return _finish(loss, lse, rank_, reduction, return_stats)
+
+
+def mocov3_loss(
+    q: Tensor,
+    k: Tensor,
+    temperature: float = 0.2,
+    *,
+    gather_distributed: bool = True,
+    backend: str = "auto",
+    return_stats: bool = False,
+):
+    """MoCo v3's ``contrastive_loss`` (Chen, Xie & He 2021), fused: the B×(B·world) logits never exist.
+
+    q and k are L2-normalized here; logits q·all_gather(k)ᵀ/T with labels arange(B) + B·rank;
+    cross-entropy (mean) × 2T. k carries no gradient (the momentum encoder's output). The paper's
+    symmetric loss is ``mocov3_loss(q1, k2) + mocov3_loss(q2, k1)``.
+    """
+    check_matrix(q, "q")
+    check_matrix(k, "k")
+    check_nonempty(q, "q")
+    check_same_shape(k, "k", q, "q")
+    check_same_device(("q", q), ("k", k))
+    temperature = check_temperature(temperature)
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k.detach(), dim=1)
+    rank, world = rank_and_world() if gather_distributed else (0, 1)
+    keys = concat_all_gather(k) if world > 1 else k
+    target = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
+    loss, lse, rank_ = contrast(q, keys, target, None, temperature, backend, return_stats)
+    loss = loss.mean() * (2.0 * temperature)
+    return (loss, stats_from_rank(rank_, lse)) if return_stats else loss
+
+
+def cmc_pairs(num_views: int) -> list[tuple[int, int]]:
+    """The ordered view pairs (anchor view i, key view j), i ≠ j, in the order :func:`cmc_loss` reports them."""
+    return [(i, j) for i in range(num_views) for j in range(num_views) if i != j]
+
+
+def cmc_loss(
+    views: Sequence[Tensor],
+    temperature: float = 0.07,
+    *,
+    reduction: str = "mean",
+    gather_distributed: bool = False,
+    backend: str = "auto",
+):
+    """CMC's "full graph" objective (Tian, Krishnan & Isola 2019, §3.2) over V ≥ 2 views, fused.
+
+    For every ordered pair of views (i, j), i ≠ j, and every sample a: anchor v_i[a], positive v_j[a],
+    negatives the other samples of view j:
+        ℓ_ij(a) = logsumexp_b(v_i[a]·v_j[b]/T) − v_i[a]·v_j[a]/T.
+    CMC's L_full = Σ_{i<j} (L^{V_i,V_j} + L^{V_j,V_i}) with L^{V_i,V_j} = mean_a ℓ_ij(a) (in-batch
+    negatives here, where CMC used a memory bank with NCE) equals V·(V−1)·(the "mean" result).
+    One fused call per key view j (queries: every other view), so no B×B logits are materialized;
+    gradients flow to every view. Inputs used as given (normalize first).
+
+    Args:
+        views: a sequence of V tensors (B, d), one per view, rows aligned by sample.
+        reduction: "mean" over the V(V−1)B terms | "sum" | "none": (V(V−1), B) in :func:`cmc_pairs` order.
+        gather_distributed: keys from every rank (with gradient back to the owner), labels offset by rank.
+    """
+    if isinstance(views, Tensor) or not isinstance(views, Sequence):
+        raise TypeError(f"views must be a sequence of (B, d) tensors, got {type(views).__name__}")
+    views = list(views)
+    if len(views) < 2:
+        raise ValueError(f"views must hold at least 2 views, got {len(views)}")
+    for i, v in enumerate(views):
+        check_matrix(v, f"views[{i}]")
+        check_same_shape(v, f"views[{i}]", views[0], "views[0]")
+        check_same_device(("views[0]", views[0]), (f"views[{i}]", v))
+    check_nonempty(views[0], "views[0]")
+    temperature = check_temperature(temperature)
+    check_reduction(reduction)
+    num, batch = len(views), views[0].shape[0]
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in views))
+    views = [v.to(dtype) for v in views]
+    rank, world = rank_and_world() if gather_distributed else (0, 1)
+    target = (torch.arange(batch, device=views[0].device) + batch * rank).repeat(num - 1)
+    per_pair: dict[tuple[int, int], Tensor] = {}
+    for j in range(num):
+        keys = all_gather_with_grad(views[j]) if world > 1 else views[j]
+        anchors = [i for i in range(num) if i != j]
+        loss, _, _ = contrast(torch.cat([views[i] for i in anchors]), keys, target, None, temperature, backend, False)
+        for i, row in zip(anchors, loss.view(num - 1, batch)):
+            per_pair[(i, j)] = row
+    losses = torch.stack([per_pair[p] for p in cmc_pairs(num)])
+    return reduce(losses, reduction)

@@ -96,3 +96,81 @@ def _backward(ctx, grad_loss, grad_lse, grad_delta, grad_rank):
 
 
 info_nce_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# --- NT-Xent / MoCo v3 / CMC / memory bank: the contrastive cross-entropy core
+#
+# ``moco_fast::contrast_forward`` returns (loss, lse, dloss_dq, rank) per query row. dloss_dq is the
+# whole gradient of the queries (dq = g·dloss_dq), so the keys are never read by the backward unless
+# they require grad (a memory bank may be updated right after the forward); then
+# ``moco_fast::contrast_backward_keys`` recomputes the softmax blockwise from lse. When the same
+# tensor is both q and keys (NT-Xent), autograd sums the two gradients.
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moco_fast::contrast_forward", mutates_args=())
+def contrast_forward(
+    q: Tensor, keys: Tensor, target: Tensor, exclude: Tensor | None, scale: float, impl: str, need_rank: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss (M,), lse (M,), dloss_dq (M, d) and rank (M,) int64; see moco_fast.backends."""
+    module = backends.module(impl)
+    exclude = None if exclude is None else exclude.contiguous()
+    return module.contrast_forward(
+        q.contiguous(), keys.contiguous(), target.contiguous(), exclude, scale, need_rank=need_rank
+    )
+
+
+@contrast_forward.register_fake
+def _(q, keys, target, exclude, scale, impl, need_rank=True):
+    ct = compute_dtype(q, keys)
+    rows = q.shape[0]
+    return (
+        q.new_empty((rows,), dtype=ct),
+        q.new_empty((rows,), dtype=ct),
+        q.new_empty((rows, q.shape[1]), dtype=ct),
+        q.new_empty((rows,), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("moco_fast::contrast_backward_keys", mutates_args=())
+def contrast_backward_keys(
+    grad: Tensor, q: Tensor, keys: Tensor, target: Tensor, exclude: Tensor | None, lse: Tensor, scale: float, impl: str
+) -> Tensor:
+    """dkeys (N, d) = s·Σ_i g_i (P_ij − [j = t_i]) q_i, recomputing P blockwise from lse."""
+    module = backends.module(impl)
+    exclude = None if exclude is None else exclude.contiguous()
+    return module.contrast_backward_keys(
+        grad.contiguous(), q.contiguous(), keys.contiguous(), target.contiguous(), exclude, lse.contiguous(), scale
+    )
+
+
+@contrast_backward_keys.register_fake
+def _(grad, q, keys, target, exclude, lse, scale, impl):
+    return torch.empty_like(keys)
+
+
+def _contrast_setup_context(ctx, inputs, output):
+    q, keys, target, exclude, scale, impl, _ = inputs
+    _, lse, dloss_dq, rank = output
+    ctx.scale, ctx.impl = scale, impl
+    ctx.q_needs_grad, ctx.keys_need_grad, ctx.q_dtype = q.requires_grad, keys.requires_grad, q.dtype
+    # The keys (and q) are saved only for the column pass: a stop-gradient key set is never read again.
+    saved = (q, keys, target, exclude) if keys.requires_grad else (None, None, None, None)
+    ctx.save_for_backward(lse, dloss_dq, *saved)
+    ctx.mark_non_differentiable(lse, dloss_dq, rank)
+
+
+def _contrast_backward(ctx, grad_loss, grad_lse, grad_dloss_dq, grad_rank):
+    lse, dloss_dq, q, keys, target, exclude = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    dq = dkeys = None
+    if ctx.q_needs_grad:
+        dq = (grad_loss.to(dloss_dq.dtype)[:, None] * dloss_dq).to(ctx.q_dtype)
+    if ctx.keys_need_grad:
+        dkeys = contrast_backward_keys(grad_loss, q, keys, target, exclude, lse, ctx.scale, ctx.impl)
+    return dq, dkeys, None, None, None, None, None
+
+
+contrast_forward.register_autograd(_contrast_backward, setup_context=_contrast_setup_context)

@@ -142,3 +142,143 @@ def enqueue_(queue, ptr, count, keys, normalize):
         ptr.fill_((start + keys.shape[0]) % size)
         count.fill_(min(int(count) + keys.shape[0], size))
     return torch.tensor([ok], device=queue.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# --- NT-Xent / MoCo v3 / CMC / memory bank: the naive formulations, then the contract functions
+# ------------------------------------------------------------------------------------------------
+
+
+def _wide(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 when an input is fp64 (the dtype the naive formulations compute in)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def contrast_logits(
+    q: torch.Tensor, keys: torch.Tensor, temperature: float, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The materialized (M, N) logits q·keysᵀ/T, with row i's excluded column (exclude[i] ≥ 0) at -inf."""
+    dtype = _wide(q, keys)
+    logits = q.to(dtype) @ keys.to(dtype).T / temperature
+    if exclude is not None:
+        rows = torch.nonzero(exclude >= 0).squeeze(1)
+        logits[rows, exclude[rows]] = float("-inf")
+    return logits
+
+
+def reference_contrastive_cross_entropy(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+    exclude: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cross_entropy(q·keysᵀ/T with excluded columns at -inf, target). Returns (loss, lse, rank) like
+    :func:`reference_info_nce`; rank_i = keys (other than the target) whose logit beats the target's."""
+    logits = contrast_logits(q, keys, temperature, exclude)
+    loss = F.cross_entropy(logits, target, reduction=reduction)
+    with torch.no_grad():
+        lse = torch.logsumexp(logits, dim=1).float()
+        rank = (logits > logits.gather(1, target[:, None])).sum(dim=1)
+    return loss.float() if loss.dtype != torch.float64 else loss, lse, rank
+
+
+def reference_nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """SimCLR's NT-Xent as its official code writes it: the (2N, 2N) similarity matrix of z = [z0; z1]
+    over T, the diagonal masked (SimCLR subtracts LARGE_NUM = 1e9), labels i ± N, mean cross-entropy.
+    Inputs used as given (normalize first)."""
+    dtype = _wide(z0, z1)
+    z = torch.cat([z0, z1]).to(dtype)
+    n = z0.shape[0]
+    logits = z @ z.T / temperature
+    logits = logits - 1e9 * torch.eye(2 * n, dtype=dtype, device=z.device)
+    labels = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    return F.cross_entropy(logits, labels)
+
+
+def reference_mocov3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """MoCo v3's ``contrastive_loss`` (moco-v3/moco/builder.py): normalize, q·all_gather(k)ᵀ/T,
+    labels arange(B) + B·rank, cross-entropy × 2T. k carries no gradient (the official concat_all_gather)."""
+    import torch.distributed as dist
+
+    from .distributed import concat_all_gather, is_distributed
+
+    q = F.normalize(q, dim=1)
+    k = concat_all_gather(F.normalize(k, dim=1).detach())
+    logits = torch.einsum("nc,mc->nm", q.to(_wide(q, k)), k.to(_wide(q, k))) / temperature
+    rank = dist.get_rank() if is_distributed() else 0
+    labels = torch.arange(q.shape[0], dtype=torch.long, device=q.device) + q.shape[0] * rank
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def reference_cmc_loss(views: Sequence[torch.Tensor], temperature: float = 0.07) -> torch.Tensor:
+    """CMC's full graph (Tian et al. 2019, eq. 6) with in-batch negatives: the mean over every ordered
+    pair of views (i, j), i ≠ j, and every sample a of cross_entropy(v_i[a]·v_jᵀ/T, a)."""
+    losses = []
+    for i, anchor in enumerate(views):
+        for j, keys in enumerate(views):
+            if i != j:
+                logits = anchor.to(_wide(anchor, keys)) @ keys.to(_wide(anchor, keys)).T / temperature
+                losses.append(F.cross_entropy(logits, torch.arange(anchor.shape[0], device=anchor.device)))
+    return torch.stack(losses).mean()
+
+
+def reference_memory_bank_loss(
+    features: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor, temperature: float = 0.07
+) -> torch.Tensor:
+    """NPID's exact non-parametric softmax (what its NCE approximates): cross_entropy(f·bankᵀ/T, index)."""
+    dtype = _wide(features, bank)
+    return F.cross_entropy(features.to(dtype) @ bank.to(dtype).T / temperature, indices)
+
+
+@torch.no_grad()
+def reference_memory_bank_update(
+    memory: torch.Tensor, indices: torch.Tensor, features: torch.Tensor, momentum: float = 0.5
+) -> None:
+    """NPID's update (lemniscate.pytorch, NCEAverage/LinearAverage backward): index_select, mul_(m),
+    add_(f·(1 − m)), divide by the norm, index_copy_. Duplicates: the last occurrence is kept."""
+    keep = [b for b in range(indices.shape[0]) if int(indices[b]) not in indices[b + 1 :].tolist()]
+    idx = indices[keep]
+    weight_pos = memory.index_select(0, idx).to(_wide(memory, features))
+    weight_pos.mul_(momentum)
+    weight_pos.add_(torch.mul(features[keep].to(weight_pos.dtype), 1 - momentum))
+    w_norm = weight_pos.pow(2).sum(1, keepdim=True).pow(0.5)
+    memory.index_copy_(0, idx, weight_pos.div(w_norm).to(memory.dtype))
+
+
+# The "reference" backend's contract functions for these ops.
+
+
+@torch.no_grad()
+def contrast_forward(q, keys, target, exclude, scale, need_rank=True):
+    """(loss, lse, dloss_dq, rank) from the materialized (M, N) logits and softmax."""
+    logits = contrast_logits(q, keys, 1.0 / scale, exclude)
+    loss = F.cross_entropy(logits, target, reduction="none")
+    probs = torch.softmax(logits, dim=1)
+    kf = keys.to(logits.dtype)
+    dloss_dq = (probs @ kf - kf[target]) * scale
+    rank = (logits > logits.gather(1, target[:, None])).sum(dim=1)
+    return loss, torch.logsumexp(logits, dim=1), dloss_dq, rank
+
+
+@torch.no_grad()
+def contrast_backward_keys(grad, q, keys, target, exclude, lse, scale):
+    """dk = s·(P − onehot(target))ᵀ·(g·q) from the materialized softmax."""
+    logits = contrast_logits(q, keys, 1.0 / scale, exclude)
+    probs = torch.exp(logits - lse.to(logits.dtype)[:, None])
+    probs[torch.arange(q.shape[0], device=q.device), target] -= 1.0
+    return (probs.T @ (q.to(logits.dtype) * grad.to(logits.dtype)[:, None] * scale)).to(keys.dtype)
+
+
+@torch.no_grad()
+def memory_bank_update_(bank, indices, features, momentum):
+    """NPID's update, after a host check that every feature is finite (all-or-nothing)."""
+    ok = bool(torch.isfinite(features).all())
+    if ok:
+        reference_memory_bank_update(bank, indices, features, momentum)
+    return torch.tensor([ok], device=bank.device)
+
+
+SUPPORT["contrast"] = Support(devices=None, dtypes=_ANY_FLOAT)
+SUPPORT["memory_bank_update"] = Support(devices=None, dtypes=_ANY_FLOAT)

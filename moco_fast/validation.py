@@ -138,3 +138,33 @@ def group_pairs(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> dict[tu
         group[0].append(t)
         group[1].append(s)
     return groups
+
+
+# --- NT-Xent / MoCo v3 / CMC / memory bank
+
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_indices(indices: object, name: str, upper: int, like: Tensor, like_name: str, lower: int = 0) -> Tensor:
+    """Row indices for ``like`` (B rows): a 1-D int64/int32 tensor of B values in [lower, upper) on like's device.
+
+    Returns them as int64. The range check reads the tensor on the host (a sync on a GPU). Raises
+    TypeError/ValueError naming ``name``.
+    """
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 sample indices, got {type(indices).__name__}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int64 (or int32) tensor, got {indices.dtype}")
+    if indices.dim() != 1 or indices.shape[0] != like.shape[0]:
+        raise ValueError(
+            f"{name} must be 1-D with one index per row of {like_name} ({like.shape[0]}), "
+            f"got shape {tuple(indices.shape)}"
+        )
+    if indices.device != like.device:
+        raise ValueError(f"{name} is on {indices.device} but {like_name} is on {like.device}; put them on one device")
+    if indices.numel():
+        low, high = (int(v) for v in torch.aminmax(indices))
+        if low < lower or high >= upper:
+            bad = low if low < lower else high
+            raise ValueError(f"{name} must be in [{lower}, {upper}), got {bad}")
+    return indices.long()

@@ -54,7 +54,7 @@ def test_presets():
     assert default.preset == "mnist" and default.model == "cnn" and default.queue_size <= 4000 and default.bn_splits > 1
     assert resolve({"cifar10": "x"}).preset == "cifar" and resolve({"data": "x"}).preset == "mocov2"
     assert resolve({"preset": "mocov1", "temperature": 0.5}).temperature == 0.5  # override wins
-    assert set(PRESETS) == {"mocov1", "mocov2", "cifar", "mnist"}
+    assert set(PRESETS) == {"mocov1", "mocov2", "cifar", "mnist", "simclr_mnist", "mocov3_mnist", "instdisc_mnist"}
 
 
 def test_cli_help_and_print_config(capsys):
@@ -178,6 +178,50 @@ def test_tiny_run_writes_logs(tmp_path):
     assert rows[-1]["loss"] > 0 and summary["baselines"]["knn_raw_pixels"] > 0.5
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,step,loss")
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 6
+
+
+# --- NT-Xent / MoCo v3 / CMC / memory bank: the other dictionaries' presets run (tiny), and resume exactly
+
+
+@pytest.mark.parametrize("method", ["simclr", "mocov3", "instdisc"])
+def test_dictionary_presets_run_tiny(tmp_path, method):
+    cfg = tiny(tmp_path, method, method=method, epochs=1, mlp_hidden=16)
+    assert cfg.preset == f"{method}_mnist" and cfg.method == method
+    summary = train(cfg)
+    assert summary["finished"] and summary["global_step"] == 6
+    row = summary["history"][-1]
+    assert row["loss"] > 0 and 0.0 <= row["acc1"] <= 1.0 and 0.0 <= row["knn"] <= 1.0
+    state = _final_state(tmp_path / method / "checkpoint.pt")["model"]
+    if method == "instdisc":  # the memory bank (one row per training image) is checkpointed
+        assert state["head.bank.bank"].shape == (TINY["limit_train"], TINY["dim"])
+    if method == "mocov3":
+        assert any(k.startswith("momentum_encoder.") for k in state) and any(k.startswith("predictor.") for k in state)
+
+
+@pytest.mark.parametrize("method", ["simclr", "instdisc"])
+def test_dictionary_methods_resume_exactly(tmp_path, method):
+    kw = dict(method=method, mlp_hidden=16, save_every=2)
+    train(tiny(tmp_path, "full", **kw))
+    train(tiny(tmp_path, "parts", max_steps=4, **kw))
+    train(tiny(tmp_path, "parts", resume="auto", **kw))
+    _assert_same_run(
+        _final_state(tmp_path / "full" / "checkpoint.pt"), _final_state(tmp_path / "parts" / "checkpoint.pt")
+    )
+
+
+def test_data_source_indices_are_the_batch_rows():
+    from moco_fast.train.augment import AugmentConfig
+    from moco_fast.train.data import TensorSource
+
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 28, 28).contiguous()
+    labels = torch.arange(10)
+    src = TensorSource(images, labels, images[:2], labels[:2], AugmentConfig(size=28, blur_prob=0.0, rotation=0.0))
+    order = Order(10, 4, seed=3)
+    plain = list(src.views(order, 0, 0, torch.device("cpu")))
+    indexed = list(src.views(order, 0, 0, torch.device("cpu"), with_indices=True))
+    for (step, v1, v2), (step_i, idx, w1, w2), (_, expected) in zip(plain, indexed, order.batches(0)):
+        assert step == step_i and torch.equal(idx, expected)
+        assert torch.equal(v1, w1) and torch.equal(v2, w2)  # asking for indices changes nothing else
 
 
 def _final_state(path):

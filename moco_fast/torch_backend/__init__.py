@@ -31,3 +31,11 @@ __all__ = [
     "infonce_forward",
     "momentum_update_",
 ]
+
+# --- NT-Xent / MoCo v3 / CMC / memory bank
+from .contrast import contrast_backward_keys, contrast_forward  # noqa: E402
+from .memory_bank import memory_bank_update_  # noqa: E402
+
+SUPPORT["contrast"] = Support(devices=None, dtypes=_ANY_FLOAT)
+SUPPORT["memory_bank_update"] = Support(devices=None, dtypes=_ANY_FLOAT)
+__all__ += ["contrast_backward_keys", "contrast_forward", "memory_bank_update_"]

@@ -97,25 +97,35 @@ def _merge_positive(pos, row_max, neg_sum, neg_acc, kf):
 _FUSED_ATTENTION_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def fused_attention(q: torch.Tensor, keys: torch.Tensor, scale: float):
+    """(O (M, d), lse (M,)) of softmax(scale·q·keysᵀ) over keys (V = K) by the fused CPU kernel, or None
+    when it does not apply (not CPU fp32, no keys, disabled, or the kernel refuses)."""
+    if (
+        _FUSED_ATTENTION_OP is None
+        or os.environ.get("MOCO_FAST_CPU_FUSED_ATTENTION", "1") == "0"
+        or q.device.type != "cpu"
+        or keys.shape[0] == 0
+        or q.dtype != torch.float32
+        or keys.dtype != torch.float32
+    ):
+        return None
+    try:
+        out, lse = _FUSED_ATTENTION_OP(q[None, None], keys[None, None], keys[None, None], scale=scale)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    return out.reshape(q.shape), lse.reshape(q.shape[0])
+
+
 def _fused_attention_forward(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, scale: float):
     """(loss, lse, delta, rank=-1) via the fused CPU attention kernel plus an analytic merge of the positive, or None.
 
     The kernel gives the negatives' lse_neg and mean out_neg; with a = lse_neg − pos the row's loss is
     softplus(a) and delta = O − k = sigmoid(a)·(out_neg − k) = (1 − p0)·(out_neg − k): no cancellation
     in either regime (a << 0 when the positive dominates)."""
-    if (
-        _FUSED_ATTENTION_OP is None
-        or os.environ.get("MOCO_FAST_CPU_FUSED_ATTENTION", "1") == "0"
-        or q.device.type != "cpu"
-        or negatives.shape[0] == 0
-        or any(t.dtype != torch.float32 for t in (q, k, negatives))
-    ):
+    fused = fused_attention(q, negatives, scale) if k.dtype == torch.float32 else None
+    if fused is None:
         return None
-    try:
-        out_neg, lse_neg = _FUSED_ATTENTION_OP(q[None, None], negatives[None, None], negatives[None, None], scale=scale)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return None
-    out_neg, lse_neg = out_neg.reshape(q.shape), lse_neg.reshape(q.shape[0])
+    out_neg, lse_neg = fused
     pos = (q * scale * k).sum(dim=1)
     a = lse_neg - pos
     loss = a.clamp_min(0).add_(torch.log1p(torch.exp(-a.abs())))  # softplus(a), exact for a of either sign

@@ -1,8 +1,12 @@
-"""Small-scale reproductions of two MoCo claims on MNIST-5k: ``python -m moco_fast.train.ablations``.
+"""Small-scale reproductions of MoCo claims on MNIST-5k: ``python -m moco_fast.train.ablations``.
 
 * ``momentum`` — consistency (MoCo §4.1, Table 4): m = 0 (the key encoder is the query encoder, keys
   still without gradient) against 0.9, 0.99 and 0.999.
 * ``queue`` — dictionary size (MoCo Fig. 3): K from one global batch up to the training-set size.
+* ``dictionary`` — MoCo Fig. 3 itself: kNN top-1 against the number of negatives K for the three
+  dictionaries — end-to-end (SimCLR's NT-Xent over the batch: K = 2B − 2, so the batch is K/2 + 1 and
+  K is bounded by the batch that fits the step budget), memory bank (InstDisc with K rows sampled from
+  the bank) and MoCo (a queue of K keys). See :data:`DICTIONARY`.
 
 Each variant is one ``moco_fast.train`` run of the default (mnist) preset with a shorter schedule and
 one overridden value, repeated over ``--seeds``; the table (held-out kNN top-1, mean and per seed) goes
@@ -73,6 +77,132 @@ def run_study(name: str, values: list, seeds: list[int], epochs: int, runs_dir: 
     }
 
 
+# --- NT-Xent / MoCo v3 / CMC / memory bank: the "dictionary" study (MoCo Fig. 3 at small scale)
+
+#: method -> (label, preset, overrides for K negatives). End-to-end scales the lr linearly with the batch
+#: (from the simclr_mnist preset's 0.25 at 128), as SimCLR does; the other two keep batch 64.
+DICTIONARY = {
+    "end-to-end": (
+        "end-to-end (SimCLR NT-Xent, B = K/2 + 1)",
+        "simclr_mnist",
+        lambda k: {"batch_size": k // 2 + 1, "lr": 0.25 * (k // 2 + 1) / 128},
+    ),
+    "memory bank": ("memory bank (InstDisc, K sampled rows)", "instdisc_mnist", lambda k: {"num_negatives": k}),
+    "moco": ("MoCo (queue of K keys)", "mnist", lambda k: {"queue_size": k}),
+}
+DICTIONARY_K = [128, 256, 512, 1024, 2048, 3968]
+END_TO_END_MAX_K = 2048  # batch 1025: 3 steps per epoch of the 4000 training images, already few
+
+
+def run_dictionary(
+    ks: list[int], seeds: list[int], epochs: int, runs_dir: str, extra: dict, methods: list[str] | None = None
+) -> dict:
+    rows = []
+    summary = None
+    for method in methods or list(DICTIONARY):
+        label, preset, overrides = DICTIONARY[method]
+        for k in ks:
+            if method == "end-to-end" and k > END_TO_END_MAX_K:
+                continue
+            accs, times = [], []
+            for seed in seeds:
+                cfg = {
+                    "preset": preset,
+                    **overrides(k),
+                    **extra,
+                    "seed": seed,
+                    "epochs": epochs,
+                    "quiet": True,
+                    "plot": False,
+                    "knn_every": epochs,
+                    "out": os.path.join(runs_dir, f"dictionary_{method.replace(' ', '_')}_{k}_s{seed}"),
+                }
+                t0 = time.perf_counter()
+                summary = train(resolve(cfg))
+                times.append(time.perf_counter() - t0)
+                accs.append(summary["final_knn"])
+                print(f"{method} K={k} seed={seed}: kNN {accs[-1]:.4f} ({times[-1]:.0f} s)", flush=True)
+            rows.append(
+                {
+                    "method": method,
+                    "label": label,
+                    "K": k,
+                    "batch_size": overrides(k).get("batch_size", resolve({"preset": preset}).batch_size),
+                    "knn_mean": statistics.fmean(accs),
+                    "knn_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    "knn_per_seed": accs,
+                    "seconds_per_run": statistics.fmean(times),
+                }
+            )
+    return {
+        "study": "dictionary",
+        "field": "K",
+        "epochs": epochs,
+        "seeds": seeds,
+        "extra": extra,
+        "rows": rows,
+        "baselines": summary["baselines"] if summary else {},
+        "preset": "simclr_mnist / instdisc_mnist / mnist",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def write_dictionary(result: dict, out: str, filename: str | None = None) -> None:
+    base = os.path.join(out, filename or "train_ablation_dictionary")
+    atomic_write_text(json.dumps(result, indent=2) + "\n", base + ".json")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "K", "batch_size", "knn_mean", "knn_std", "knn_per_seed", "seconds_per_run"])
+    for r in result["rows"]:
+        w.writerow(
+            [
+                r["method"],
+                r["K"],
+                r["batch_size"],
+                f"{r['knn_mean']:.4f}",
+                f"{r['knn_std']:.4f}",
+                " ".join(f"{a:.4f}" for a in r["knn_per_seed"]),
+                f"{r['seconds_per_run']:.0f}",
+            ]
+        )
+    atomic_write_text(buf.getvalue(), base + ".csv")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    for method, style in zip(DICTIONARY, ("s-", "^-", "o-")):
+        rows = [r for r in result["rows"] if r["method"] == method]
+        if rows:
+            ax.errorbar(
+                [r["K"] for r in rows],
+                [r["knn_mean"] for r in rows],
+                yerr=[r["knn_std"] for r in rows],
+                fmt=style,
+                capsize=3,
+                label=rows[0]["label"],
+            )
+    for (label, key), ls in zip((("random init", "knn_random_init"), ("raw pixels", "knn_raw_pixels")), (":", "--")):
+        if result["baselines"].get(key) is not None:
+            ax.axhline(result["baselines"][key], color="gray", ls=ls, lw=1, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K, negatives per query")
+    ax.set_ylabel("held-out kNN top-1")
+    ax.set_title(
+        f"MNIST-5k, three dictionaries (MoCo Fig. 3 at small scale), {result['epochs']} epochs, "
+        f"{len(result['seeds'])} seeds",
+        fontsize=8,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(base + ".png")
+    plt.close(fig)
+
+
 def write(result: dict, out: str, filename: str | None = None) -> None:
     name, field = result["study"], result["field"]
     base = os.path.join(out, filename or f"train_ablation_{name}")
@@ -133,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("study", choices=sorted(STUDIES))
+    p.add_argument("study", choices=sorted(STUDIES) + ["dictionary"])
     p.add_argument("--values", type=str, default=None, help="comma-separated values (default: the study's list)")
     p.add_argument("--seeds", type=str, default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
@@ -147,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FIELD=VALUE",
         help="override a config field of every run (repeatable), e.g. --set batch_size=64",
     )
+    p.add_argument("--methods", type=str, default=None, help="dictionary: comma-separated subset of the methods")
     args = p.parse_args(argv)
+    if args.study == "dictionary":
+        return _main_dictionary(args)
     field, default_values = STUDIES[args.study]
     cast = float if field == "momentum" else int
     values = [cast(v) for v in args.values.split(",")] if args.values else default_values
@@ -162,6 +295,30 @@ def main(argv: list[str] | None = None) -> int:
     write(result, args.out, args.name)
     for r in result["rows"]:
         print(f"{field}={r[field]}: kNN {r['knn_mean']:.4f} ± {r['knn_std']:.4f}")
+    return 0
+
+
+def _parse_sets(items: list[str]) -> dict:
+    extra = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        try:
+            extra[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            extra[key] = raw
+    return extra
+
+
+def _main_dictionary(args) -> int:
+    ks = [int(v) for v in args.values.split(",")] if args.values else DICTIONARY_K
+    methods = args.methods.split(",") if args.methods else None
+    seeds = [int(s) for s in args.seeds.split(",")]
+    result = run_dictionary(ks, seeds, args.epochs, args.runs_dir, _parse_sets(args.set), methods)
+    write_dictionary(result, args.out, args.name)
+    for r in result["rows"]:
+        print(
+            f"{r['method']:12s} K={r['K']:5d} (batch {r['batch_size']}): kNN {r['knn_mean']:.4f} ± {r['knn_std']:.4f}"
+        )
     return 0
 
 

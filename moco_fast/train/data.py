@@ -145,12 +145,15 @@ class TensorSource:
         return self.train_images.shape[0]
 
     def views(
-        self, order: Order, epoch: int, start_step: int, device: torch.device
-    ) -> Iterator[tuple[int, Tensor, Tensor]]:
+        self, order: Order, epoch: int, start_step: int, device: torch.device, with_indices: bool = False
+    ) -> Iterator[tuple]:
+        """(step, view1, view2) per batch; with_indices: (step, indices, view1, view2), indices (B,) int64
+        into the training set on ``device`` (a memory bank's rows)."""
         for step, idx in order.batches(epoch, start_step):
             g = generator(order.seed, 0xA6, epoch, step, order.rank)
             images = self.train_images[idx].to(device, non_blocking=True)
-            yield step, self.augment(images, g), self.augment(images, g)
+            views = (self.augment(images, g), self.augment(images, g))
+            yield (step, idx.to(device), *views) if with_indices else (step, *views)
 
     def _part(self, part: str) -> tuple[Tensor, Tensor]:
         if part == "train":
@@ -240,7 +243,9 @@ class FolderSource:
     def num_train(self) -> int:
         return len(self.train)
 
-    def views(self, order: Order, epoch: int, start_step: int, device: torch.device):
+    def views(self, order: Order, epoch: int, start_step: int, device: torch.device, with_indices: bool = False):
+        """As TensorSource.views."""
+        indices = [idx for _, idx in order.batches(epoch, start_step)]
         batches = [
             [(int(i), derive_seed(order.seed, 0xF0, epoch, int(i))) for i in idx]
             for _, idx in order.batches(epoch, start_step)
@@ -253,7 +258,8 @@ class FolderSource:
             persistent_workers=False,
         )
         for step, (v1, v2) in enumerate(loader, start=start_step):
-            yield step, v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
+            views = (v1.to(device, non_blocking=True), v2.to(device, non_blocking=True))
+            yield (step, indices[step - start_step].to(device), *views) if with_indices else (step, *views)
 
     def eval_batches(self, part: str, device: torch.device, batch_size: int = 256):
         dataset = _Transformed(self.train if part == "train" else self.test, self.eval_transform)

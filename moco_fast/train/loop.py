@@ -187,7 +187,8 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = self.method.build(cfg, self.source.in_channels, self.total_steps).to(rt.device)
+        build_kw = {"num_samples": self.source.num_train} if self.method.needs_indices else {}
+        self.model = self.method.build(cfg, self.source.in_channels, self.total_steps, **build_kw).to(rt.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net = self.model
@@ -416,11 +417,13 @@ class Trainer:
         t0 = time.perf_counter()
         seconds_before = self.meters.seconds
         try:
-            for step, *views in self.source.views(self.order, self.epoch, start, self.rt.device):
+            indexed = self.method.needs_indices
+            for step, *views in self.source.views(self.order, self.epoch, start, self.rt.device, with_indices=indexed):
+                extra = [views.pop(0)] if indexed else []  # the images' training-set indices
                 if cfg.channels_last:
                     views = [x.contiguous(memory_format=torch.channels_last) for x in views]
                 with self.autocast():
-                    loss, stats = self.net(views)
+                    loss, stats = self.net(views, *extra)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()

@@ -10,7 +10,8 @@ Its model is an ``nn.Module`` that
   0-dim tensors to log (e.g. ``acc1``, ``acc5``), the same keys every step;
 * exposes its online encoder as ``encoder_q`` (the kNN monitor's features: the backbone before
   ``fc``, or the whole encoder);
-* optionally has a ``momentum_encoder`` (a :class:`moco_fast.MomentumEncoder`) whose momentum is logged.
+* optionally has a ``momentum_encoder`` (a :class:`moco_fast.MomentumEncoder`) whose momentum is logged;
+* with ``Method.needs_indices``, takes ``model(views, indices)`` (the images' training-set indices).
 
 The optimizer trains every parameter with ``requires_grad`` (momentum copies have none).
 Adding a method: a module here defining ``METHOD = Method(...)``, imported below.
@@ -32,12 +33,20 @@ class Method:
     build: Callable[..., nn.Module]
     #: (cfg, global_batch) -> None, raising ConfigError; runs once the world size is known
     check: Callable[..., None] = lambda cfg, global_batch: None
+    # --- NT-Xent / MoCo v3 / CMC / memory bank
+    #: the model takes ``model(views, indices)`` (each image's training-set index, e.g. a memory bank's
+    #: rows) and ``build`` gets ``num_samples=`` (the training-set size)
+    needs_indices: bool = False
 
 
 def _registry() -> dict[str, Method]:
     from . import moco
 
     methods = [moco.METHOD]
+    # --- NT-Xent / MoCo v3 / CMC / memory bank
+    from . import instdisc, mocov3, simclr
+
+    methods += [simclr.METHOD, mocov3.METHOD, instdisc.METHOD]
     return {m.name: m for m in methods}
 
 
