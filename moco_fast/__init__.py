@@ -36,3 +36,27 @@ __all__ = [
     "info_nce",
     "momentum_update",
 ]
+
+# --- BYOL / SwAV / DINO
+from .byol import BYOLLoss, BYOLPredictionHead, BYOLProjectionHead, NegativeCosineSimilarity, byol_loss  # noqa: E402
+from .dino import DINOHead, DINOLoss, NonFiniteTeacherError  # noqa: E402
+from .functional import dino_loss  # noqa: E402
+from .multicrop import MultiCropTransform  # noqa: E402
+from .swav import SwaVLoss, SwaVPrototypes, SwaVQueue, sinkhorn  # noqa: E402
+
+__all__ += [
+    "BYOLLoss",
+    "BYOLPredictionHead",
+    "BYOLProjectionHead",
+    "DINOHead",
+    "DINOLoss",
+    "MultiCropTransform",
+    "NegativeCosineSimilarity",
+    "NonFiniteTeacherError",
+    "SwaVLoss",
+    "SwaVPrototypes",
+    "SwaVQueue",
+    "byol_loss",
+    "dino_loss",
+    "sinkhorn",
+]

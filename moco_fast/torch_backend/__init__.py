@@ -31,3 +31,9 @@ __all__ = [
     "infonce_forward",
     "momentum_update_",
 ]
+
+# --- BYOL / SwAV / DINO
+from .dino import dino_prototype_grad, dino_softmax_pass  # noqa: E402
+
+SUPPORT["dino_loss"] = Support(devices=None, dtypes=_ANY_FLOAT)
+__all__ += ["dino_prototype_grad", "dino_softmax_pass"]
