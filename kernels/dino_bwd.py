@@ -28,7 +28,7 @@ import triton.language as tl
 from moco_fast.numerics import LOG2E, fp32_matmul_precision
 
 from . import heuristics as H
-from .dino_fwd import INTERPRETED, _NAME
+from .dino_fwd import _NAME, INTERPRETED
 from .infonce_fwd import _dot
 
 _LOG2E: tl.constexpr = tl.constexpr(LOG2E)
@@ -66,7 +66,8 @@ def _accumulate_rows(
         st = _dot(wt, tl.trans(xt), DOT_DTYPE, PRECISION, EMULATE) * qk_scale  # (BLOCK_N, BLOCK_M)
         if HAS_BIAS:
             st -= bias2[:, None]
-        pt = tl.exp2(st - lse2[None, :])  # softmax(r, k)ᵀ in [0, 1]: safe to round to half
+        # softmax(r, k)ᵀ in [0, 1]: safe to round to half. Padded rows (lse 0) could overflow: zero them.
+        pt = tl.where(row_ok[None, :], tl.exp2(st - lse2[None, :]), 0.0)
         acc += _dot(pt, yt, DOT_DTYPE, PRECISION, EMULATE)
         off += BLOCK_M * d
     return acc

@@ -137,9 +137,11 @@ class DINOHead(nn.Module):
         return self.last_layer.weight
 
     def effective_weight(self, frozen: bool = False) -> Tensor:
-        """:attr:`prototypes`, detached when ``frozen`` (the first epochs of ``freeze_last_layer``)."""
+        """:attr:`prototypes`; when ``frozen`` (the first epochs of ``freeze_last_layer``) with an exact zero
+        gradient — still in the graph, so DDP sees no unused parameter; weight decay then only rescales V,
+        which leaves W = V/‖V‖ unchanged."""
         w = self.last_layer.weight
-        return w.detach() if frozen else w
+        return w.detach() + w * 0.0 if frozen else w
 
     def last_layer_frozen(self, epoch: int) -> bool:
         return epoch < self.freeze_last_layer

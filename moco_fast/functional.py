@@ -261,7 +261,7 @@ def dino_loss(
         h_t,
         prototypes,
         teacher_prototypes.detach(),
-        center.detach().to(ct),
+        center.detach().to(ct, copy=True),  # a copy: the caller may update its center before the backward
         len(student),
         len(teacher),
         1.0 / s_temp,

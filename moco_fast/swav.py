@@ -231,8 +231,10 @@ class SwaVPrototypes(nn.Module):
     The layer is a bias-free ``nn.Linear`` (``self.layer``; the official ``prototypes``; lightly's
     ``SwaVPrototypes`` adds a bias, which a normalized layer has no use for). Call :meth:`normalize` once
     per training step, before the forward (the official code normalizes the weight at every iteration).
-    Freezing detaches the weight inside ``forward`` instead of switching ``requires_grad``, so the
-    prototypes stay in an optimizer built at the start (SGD skips a parameter whose grad is None).
+    Freezing gives the weight an exact zero gradient inside ``forward`` instead of switching
+    ``requires_grad``: the prototypes stay in an optimizer built at the start and in DDP's reduction (no
+    unused parameter), and since only weight decay can then move them — a rescaling of each row — the
+    per-step :meth:`normalize` undoes it.
     """
 
     def __init__(self, input_dim: int = 128, n_prototypes: int = 3000, n_steps_frozen_prototypes: int = 0):
@@ -261,7 +263,7 @@ class SwaVPrototypes(nn.Module):
         """Scores (B, P) = x·Cᵀ for x (B, d) (normalize x first)."""
         weight = self.layer.weight
         if self.frozen(step):
-            weight = weight.detach()
+            weight = weight.detach() + weight * 0.0  # in the graph, with a zero gradient
         return F.linear(x, weight)
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ def block_size(rows: int, num_prototypes: int) -> int:
 
 
 def dino_softmax_pass(x, keys, values, bias, scale, block: int | None = None):
-    """(lse (R,), out (R, b)) of z = scale·(x·keysᵀ − bias): lse_r = logsumexp_k z_rk, out_r = Σ_k softmax_rk·values_k."""
+    """(lse (R,), out (R, b)) of z = scale·(x·keysᵀ − bias): lse_r = logsumexp_k z_rk, out_r = Σ_k p_rk·values_k."""
     ct = compute_dtype(x, keys, values)
     rows, num_prototypes = x.shape[0], keys.shape[0]
     xs = x.to(ct) * scale  # fold 1/T into the rows once

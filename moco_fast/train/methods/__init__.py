@@ -38,6 +38,10 @@ def _registry() -> dict[str, Method]:
     from . import moco
 
     methods = [moco.METHOD]
+    # --- BYOL / SwAV / DINO
+    from . import byol, dino, swav
+
+    methods += [byol.METHOD, swav.METHOD, dino.METHOD]
     return {m.name: m for m in methods}
 
 
