@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moco_fast.dino_pairs import prototype_grad_rows
 from moco_fast.numerics import LOG2E, fp32_matmul_precision
 
 from . import heuristics as H
@@ -165,37 +166,52 @@ def bwd_config(dp: int, dot_dtype: str, cc=(9, 0), interpret=False, precision="t
 
 
 def dino_prototype_grad(
-    x_s, keys_s, lse_s, y_s, scale_s, x_t, keys_t, bias_t, lse_t, y_t, scale_t, grad_scale, *, config=None
+    student,
+    teacher,
+    prototypes,
+    teacher_prototypes,
+    center,
+    lse_s,
+    lse_t,
+    num_views,
+    num_teacher_views,
+    student_scale,
+    teacher_scale,
+    grad_scale,
+    *,
+    config=None,
 ):
-    """dW (P, d) in keys_s.dtype; see the module docstring (the contract is in moco_fast.backends)."""
-    P, d = keys_s.shape
-    dev = keys_s.device
-    dw = torch.empty_like(keys_s)
-    same_w = keys_t.data_ptr() == keys_s.data_ptr() and keys_t.dtype == keys_s.dtype
-    dot_s = H.dot_dtype_name(_NAME[x_s.dtype], _NAME[keys_s.dtype])
-    dot_t = H.dot_dtype_name(_NAME[x_t.dtype], _NAME[keys_t.dtype])
+    """dW (P, d) in prototypes.dtype (contract: moco_fast.backends). The row weights y_s, y_t come from the
+    pairs (O(rows·d) torch ops, moco_fast.dino_pairs); the kernel recomputes both softmaxes."""
+    P, d = prototypes.shape
+    dev = prototypes.device
+    y_s, y_t = prototype_grad_rows(student, num_views, num_teacher_views, torch.float32)
+    dw = torch.empty_like(prototypes)
+    same_w = teacher_prototypes.data_ptr() == prototypes.data_ptr() and teacher_prototypes.dtype == prototypes.dtype
+    dot_s = H.dot_dtype_name(_NAME[student.dtype], _NAME[prototypes.dtype])
+    dot_t = H.dot_dtype_name(_NAME[teacher.dtype], _NAME[teacher_prototypes.dtype])
     prec = fp32_matmul_precision()
     dp = H.d_pad(d)
     cfg = config or bwd_config(dp, dot_s if dot_s == dot_t else "float32", interpret=INTERPRETED, precision=prec)
     f32 = dict(dtype=torch.float32)
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
         dino_prototype_grad_kernel[(H.cdiv(P, cfg.block_n),)](
-            x_s,
-            keys_s,
+            student,
+            prototypes,
             lse_s.to(**f32).contiguous(),
-            y_s.to(**f32).contiguous(),
-            x_t,
-            keys_t,
-            bias_t.to(**f32).contiguous(),
+            y_s,
+            teacher,
+            teacher_prototypes,
+            center.to(**f32).contiguous(),
             lse_t.to(**f32).contiguous(),
-            y_t.to(**f32).contiguous(),
+            y_t,
             dw,
-            x_s.shape[0],
-            x_t.shape[0],
+            student.shape[0],
+            teacher.shape[0],
             P,
             d,
-            float(scale_s) * LOG2E,
-            float(scale_t) * LOG2E,
+            float(student_scale) * LOG2E,
+            float(teacher_scale) * LOG2E,
             float(grad_scale),
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, dino_pairs
 from .validation import compute_dtype
 
 
@@ -98,26 +98,17 @@ info_nce_forward.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------------
 # --- BYOL / SwAV / DINO: the DINO loss without the (rows, P) logits
 # ------------------------------------------------------------------------------------------------
-# student (S·B, b) and teacher (T·B, b) are the views stacked view-major; teacher view u is the same
-# image view as student view u (global crops first). Pairs are (u, v) with u ≠ v: student view v has
-# n_v = T − [v < T] partners and there are S·T − min(S, T) pairs. With u_t = Σ_k P_t(k)·W_k and the
-# student's lse_s, O_s = Σ_k P_s(k)·W_k (two backend passes), in O(rows·b):
+# student (S·B, b) and teacher (T·B, b) are the views stacked view-major (moco_fast/dino_pairs.py). With
+# u_t = Σ_k P_t(k)·W_k and the student's lse_s, O_s = Σ_k P_s(k)·W_k (two backend passes), in O(rows·b):
 #   loss  = (Σ_v n_v Σ_i lse_s[v,i] − Σ_u Σ_i u[u,i]·(H[i] − [u<S]·h[u,i]) / T_s) / (pairs·B),  H = Σ_v h[v]
 #   dh[v] = (n_v·O_s[v] − (U − [v<T]·u[v])) / (T_s·pairs·B),                                    U = Σ_u u[u]
 #   dW    = (Σ_v n_v·P_s[v]ᵀ h[v] + Σ_u P_t[u]ᵀ ([u<S]·h[u] − H)) / (T_s·pairs·B)   (backend, blockwise over P)
 
 
-def dino_partners(num_views: int, num_teacher_views: int) -> tuple[list[int], int]:
-    """([n_v for each student view], number of (teacher, student) pairs of different views)."""
-    counts = [num_teacher_views - (v < num_teacher_views) for v in range(num_views)]
-    return counts, num_views * num_teacher_views - min(num_views, num_teacher_views)
-
-
 def _dino_views(student: Tensor, num_views: int, num_teacher_views: int, dtype: torch.dtype):
     h = student.to(dtype).view(num_views, -1, student.shape[1])
-    counts, pairs = dino_partners(num_views, num_teacher_views)
-    n_v = torch.tensor(counts, dtype=dtype, device=student.device)
-    return h, n_v, pairs
+    counts, pairs = dino_pairs.partners(num_views, num_teacher_views)
+    return h, torch.tensor(counts, dtype=dtype, device=student.device), pairs
 
 
 @torch.library.custom_op("moco_fast::dino_loss_forward", mutates_args=())
@@ -159,42 +150,31 @@ def _(student, teacher, prototypes, teacher_prototypes, center, num_views, num_t
 
 @torch.library.custom_op("moco_fast::dino_prototype_grad", mutates_args=())
 def dino_prototype_grad(
-    x_s: Tensor,
-    keys_s: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    prototypes: Tensor,
+    teacher_prototypes: Tensor,
+    center: Tensor,
     lse_s: Tensor,
-    y_s: Tensor,
-    scale_s: float,
-    x_t: Tensor,
-    keys_t: Tensor,
-    bias_t: Tensor,
     lse_t: Tensor,
-    y_t: Tensor,
-    scale_t: float,
+    num_views: int,
+    num_teacher_views: int,
+    student_scale: float,
+    teacher_scale: float,
     grad_scale: float,
     impl: str,
 ) -> Tensor:
-    """dW (P, b) = grad_scale·(P_sᵀ y_s + P_tᵀ y_t), recomputed blockwise over P by the backend."""
-    module = backends.module(impl)
+    """dW (P, b) = grad_scale·(Σ_v n_v·P_s[v]ᵀ h[v] + Σ_u P_t[u]ᵀ([u<S]·h[u] − H)), recomputed blockwise over P."""
     c = Tensor.contiguous
-    return module.dino_prototype_grad(
-        c(x_s),
-        c(keys_s),
-        c(lse_s),
-        c(y_s),
-        scale_s,
-        c(x_t),
-        c(keys_t),
-        c(bias_t),
-        c(lse_t),
-        c(y_t),
-        scale_t,
-        grad_scale,
-    )
+    return backends.module(impl).dino_prototype_grad(
+        c(student), c(teacher), c(prototypes), c(teacher_prototypes), c(center), c(lse_s), c(lse_t),
+        num_views, num_teacher_views, student_scale, teacher_scale, grad_scale,
+    )  # fmt: skip
 
 
 @dino_prototype_grad.register_fake
-def _(x_s, keys_s, lse_s, y_s, scale_s, x_t, keys_t, bias_t, lse_t, y_t, scale_t, grad_scale, impl):
-    return torch.empty_like(keys_s)
+def _(student, teacher, prototypes, teacher_prototypes, center, lse_s, lse_t, S, T, s_scale, t_scale, g_scale, impl):
+    return torch.empty_like(prototypes)
 
 
 def _dino_setup_context(ctx, inputs, output):
@@ -213,36 +193,22 @@ def _dino_backward(ctx, grad_loss, grad_lse_s, grad_out_s, grad_lse_t, grad_u):
     S, T, s_scale = ctx.num_views, ctx.num_teacher_views, ctx.s_scale
     ct = lse_s.dtype
     g = torch.zeros((), dtype=ct, device=lse_s.device) if grad_loss is None else grad_loss.to(ct)
-    h, n_v, pairs = _dino_views(student, S, T, ct)
-    rows = h.shape[1]
-    coef = s_scale / (pairs * rows)  # Python float: no host read of g (it multiplies tensors below)
+    rows = student.shape[0] // S
+    _, pairs = dino_pairs.partners(S, T)
+    coef = s_scale / (pairs * rows)  # a Python float: no host read of g (it multiplies tensors below)
     d_student = d_prototypes = None
     if ctx.needs_input_grad[0]:
+        _, n_v, _ = _dino_views(student[:0], S, T, ct)
         uv = u.view(T, rows, -1)
-        partners = uv.sum(dim=0).expand(S, rows, -1).clone()  # Σ_{u≠v} u_t[u]: all teacher views, minus its own
+        partners = uv.sum(dim=0).expand(S, rows, -1).clone()  # Σ_{u≠v} u_t[u]: every teacher view minus its own
         partners[: min(S, T)] -= uv[: min(S, T)]
         d = n_v[:, None, None] * out_s.view(S, rows, -1) - partners
         d_student = (d.reshape(student.shape) * (g * coef)).to(student.dtype)
     if ctx.needs_input_grad[2]:
-        total = h.sum(dim=0)
-        y_s = (n_v[:, None, None] * h).reshape(student.shape)
-        y_t = (-total).expand(T, rows, -1).clone()
-        y_t[: min(S, T)] += h[: min(S, T)]
         d_prototypes = dino_prototype_grad(
-            student,
-            prototypes,
-            lse_s,
-            y_s,
-            s_scale,
-            teacher,
-            teacher_prototypes,
-            center,
-            lse_t,
-            y_t.reshape(teacher.shape[0], -1),
-            ctx.t_scale,
-            coef,
+            student, teacher, prototypes, teacher_prototypes, center, lse_s, lse_t, S, T, s_scale, ctx.t_scale, coef,
             ctx.impl,
-        )
+        )  # fmt: skip
         d_prototypes = d_prototypes.mul_(g.to(d_prototypes.dtype))
     return d_student, None, d_prototypes, None, None, None, None, None, None, None
 

@@ -212,12 +212,18 @@ def dino_softmax_pass(x, keys, values, bias, scale):
 
 
 @torch.no_grad()
-def dino_prototype_grad(x_s, keys_s, lse_s, y_s, scale_s, x_t, keys_t, bias_t, lse_t, y_t, scale_t, grad_scale):
-    """dW from the two materialized softmaxes: grad_scale·(P_sᵀ y_s + P_tᵀ y_t), in keys_s.dtype."""
+def dino_prototype_grad(
+    student, teacher, prototypes, teacher_prototypes, center, lse_s, lse_t, num_views, num_teacher_views,
+    student_scale, teacher_scale, grad_scale,
+):  # fmt: skip
+    """dW from the two materialized softmaxes: grad_scale·(P_sᵀ y_s + P_tᵀ y_t), in prototypes.dtype."""
+    from .dino_pairs import prototype_grad_rows
+
     ct = lse_s.dtype
-    p_s = torch.exp((x_s.to(ct) @ keys_s.to(ct).T) * scale_s - lse_s[:, None])
-    p_t = torch.exp((x_t.to(ct) @ keys_t.to(ct).T - bias_t.to(ct)) * scale_t - lse_t[:, None])
-    return ((p_s.T @ y_s.to(ct) + p_t.T @ y_t.to(ct)) * grad_scale).to(keys_s.dtype)
+    y_s, y_t = prototype_grad_rows(student, num_views, num_teacher_views, ct)
+    p_s = torch.exp((student.to(ct) @ prototypes.to(ct).T) * student_scale - lse_s[:, None])
+    p_t = torch.exp((teacher.to(ct) @ teacher_prototypes.to(ct).T - center.to(ct)) * teacher_scale - lse_t[:, None])
+    return ((p_s.T @ y_s + p_t.T @ y_t) * grad_scale).to(prototypes.dtype)
 
 
 SUPPORT["dino_loss"] = Support(devices=None, dtypes=_ANY_FLOAT)

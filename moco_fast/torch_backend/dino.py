@@ -3,9 +3,9 @@
 ``dino_softmax_pass`` is a flash-attention forward with the prototypes as keys (and values) and the
 center as a per-column bias: one sweep over the prototypes in blocks keeps, per row, the running max,
 the running sum and the rescaled weighted sum of value rows. ``dino_prototype_grad`` recomputes the
-probabilities block by block from the saved lse and accumulates each block's rows of dW (the
-cut-cross-entropy backward). Extra memory: one (rows, block) tile, about ``_TILE_ELEMENTS`` values,
-plus O(rows·b), whatever P is.
+probabilities block by block from the saved lse and writes each block's rows of dW (the cut-cross-entropy
+backward), the teacher's term folded into the student rows it pairs with. Extra memory: one (rows, block)
+tile, about ``_TILE_ELEMENTS`` values, plus O(rows·b), whatever P is.
 
 All arithmetic is fp32 whatever the input dtypes (fp64 when an input is fp64). Functions follow the
 contract in ``moco_fast.backends``.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import dino_pairs
 from ..validation import compute_dtype
 
 # Values of the (rows, block) logits tile: 2**18 fp32 = 1 MiB, so the tile's exp and its two GEMMs stay
@@ -58,37 +59,56 @@ def dino_softmax_pass(x, keys, values, bias, scale, block: int | None = None):
 
 
 def dino_prototype_grad(
-    x_s, keys_s, lse_s, y_s, scale_s, x_t, keys_t, bias_t, lse_t, y_t, scale_t, grad_scale, block: int | None = None
+    student,
+    teacher,
+    prototypes,
+    teacher_prototypes,
+    center,
+    lse_s,
+    lse_t,
+    num_views,
+    num_teacher_views,
+    student_scale,
+    teacher_scale,
+    grad_scale,
+    block: int | None = None,
 ):
-    """dW (P, b) = grad_scale·(P_sᵀ·y_s + P_tᵀ·y_t), the probabilities recomputed blockwise; in keys_s.dtype.
+    """dW (P, b) in prototypes.dtype, the probabilities recomputed block by block (contract: moco_fast.backends).
 
-    P_s = exp(scale_s·x_s·keys_sᵀ − lse_s) (student rows), P_t = exp(scale_t·(x_t·keys_tᵀ − bias_t) − lse_t)
-    (teacher rows).
+    Per block of prototypes, with P_s = exp(scale_s·h·Wᵀ − lse_s) (S, B, blk) and P_t = exp(scale_t·(h_t·W_tᵀ − c)
+    − lse_t) (T, B, blk): G[v] = n_v·P_s[v] − Σ_{u≠v} P_t[u] and dW_blk = grad_scale·Σ_v G[v]ᵀ·h[v] — one
+    (blk × S·B) @ (S·B × b) product, the teacher's term folded into the student rows it pairs with (one GEMM
+    per block fewer than P_sᵀ·y_s + P_tᵀ·y_t).
     """
-    ct = compute_dtype(x_s, keys_s, x_t, keys_t, lse_s)
-    num_prototypes = keys_s.shape[0]
-    sets = []
-    for x, keys, bias, lse, y, scale in (
-        (x_s, keys_s, None, lse_s, y_s, scale_s),
-        (x_t, keys_t, bias_t, lse_t, y_t, scale_t),
-    ):
-        if x.shape[0]:
-            bs = None if bias is None else bias.to(ct) * scale
-            sets.append((x.to(ct) * scale, keys, bs, lse.to(ct)[:, None], y.to(ct) * grad_scale))
-    dw = torch.zeros(keys_s.shape, dtype=ct, device=keys_s.device)
-    if not sets:
-        return dw.to(keys_s.dtype)
-    rows = max(s[0].shape[0] for s in sets)
-    block = block or block_size(rows, num_prototypes)
-    tile = torch.empty((rows, min(block, num_prototypes)), dtype=ct, device=keys_s.device)
+    ct = compute_dtype(student, teacher, prototypes, teacher_prototypes, lse_s)
+    S, T = num_views, num_teacher_views
+    num_prototypes, dim = prototypes.shape
+    rows = student.shape[0] // S
+    counts, _ = dino_pairs.partners(S, T)
+    n_v = torch.tensor(counts, dtype=ct, device=student.device)[:, None, None]
+    h = student.to(ct)
+    xs, xt = h * student_scale, teacher.to(ct) * teacher_scale
+    bs = center.to(ct) * teacher_scale
+    same = teacher_prototypes.data_ptr() == prototypes.data_ptr() and teacher_prototypes.dtype == prototypes.dtype
+    dw = torch.empty((num_prototypes, dim), dtype=ct, device=student.device)
+    block = block or block_size(student.shape[0] + teacher.shape[0], num_prototypes)
+    width = min(block, num_prototypes)
+    tile_s = torch.empty((student.shape[0], width), dtype=ct, device=student.device)
+    tile_t = torch.empty((teacher.shape[0], width), dtype=ct, device=student.device)
+    both = min(S, T)
     for start in range(0, num_prototypes, block):
-        out = dw[start : start + block]
-        for xs, keys, bs, lse, y in sets:
-            k = keys[start : start + block].to(ct)
-            probs = tile[: xs.shape[0], : k.shape[0]]
-            torch.mm(xs, k.T, out=probs)
-            if bs is not None:
-                probs.sub_(bs[start : start + block])
-            probs.sub_(lse).exp_()
-            out.addmm_(probs.T, y)
-    return dw if dw.dtype == keys_s.dtype else dw.to(keys_s.dtype)
+        w = prototypes[start : start + block].to(ct)
+        wt = w if same else teacher_prototypes[start : start + block].to(ct)
+        n = w.shape[0]
+        p_s, p_t = tile_s[:, :n], tile_t[:, :n]
+        torch.mm(xs, w.T, out=p_s)
+        p_s.sub_(lse_s[:, None]).exp_()
+        torch.mm(xt, wt.T, out=p_t)
+        p_t.sub_(bs[start : start + n]).sub_(lse_t[:, None]).exp_()
+        g = p_s.view(S, rows, n).mul_(n_v)  # n_v·P_s[v], in place
+        pt = p_t.view(T, rows, n)
+        g.sub_(pt.sum(dim=0))  # − Σ_u P_t[u] ...
+        g[:both].add_(pt[:both])  # ... + P_t[v]: the teacher view of the same crop is not a partner
+        torch.mm(p_s.T, h, out=dw[start : start + n])
+    dw.mul_(grad_scale)
+    return dw if dw.dtype == prototypes.dtype else dw.to(prototypes.dtype)
