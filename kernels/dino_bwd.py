@@ -159,10 +159,15 @@ def dino_prototype_grad_kernel(
 
 
 def bwd_config(dp: int, dot_dtype: str, cc=(9, 0), interpret=False, precision="tf32") -> H.TileConfig:
-    """(block_m = rows per step, block_n = prototypes per program): infonce's dn tiles (the same loop)."""
+    """(block_m = rows per step, block_n = prototypes per program): infonce's dn tiles (the same loop), but
+    8 warps for TF32 at d > 128 — this kernel streams two row tiles (x and y) next to its resident W tile,
+    and with 4 warps that config spills on sm_90 (tests/test_dino_offline_compile.py)."""
     if interpret:
         return H.TileConfig(32, 64, 4, 1)
-    return H.bwd_dn_config(dp, dot_dtype, cc, False, precision)
+    cfg = H.bwd_dn_config(dp, dot_dtype, cc, False, precision)
+    if dot_dtype not in H.HALF and precision == "tf32" and dp > 128:
+        return H.TileConfig(cfg.block_m, cfg.block_n, 8, cfg.num_stages)
+    return cfg
 
 
 def dino_prototype_grad(
