@@ -75,11 +75,10 @@ def _worker(out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     import triton
     import triton.language as tl
+    from moco_fast.kernels import dino_bwd, dino_fwd
     from test_triton_offline_compile import _cuobjdump
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from moco_fast.kernels import dino_bwd, dino_fwd
 
     kernels = {"dino_softmax_pass_kernel": dino_fwd.dino_softmax_pass_kernel}
     kernels["dino_prototype_grad_kernel"] = dino_bwd.dino_prototype_grad_kernel
