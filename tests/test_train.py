@@ -55,7 +55,7 @@ def test_presets():
     assert default.preset == "mnist" and default.model == "cnn" and default.queue_size <= 4000 and default.bn_splits > 1
     assert resolve({"cifar10": "x"}).preset == "cifar" and resolve({"data": "x"}).preset == "mocov2"
     assert resolve({"preset": "mocov1", "temperature": 0.5}).temperature == 0.5  # override wins
-    assert set(PRESETS) == {"mocov1", "mocov2", "cifar", "mnist"}
+    assert set(PRESETS) == {"mocov1", "mocov2", "cifar", "mnist", "byol-mnist", "swav-mnist", "dino-mnist"}
 
 
 def test_cli_help_and_print_config(capsys):
