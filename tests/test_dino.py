@@ -136,12 +136,13 @@ def test_gradcheck_torch_backend():
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-@pytest.mark.parametrize("mix", ["bf16", "fp16", "bf16_features_fp32_w"])
+@pytest.mark.parametrize("mix", ["bf16", "fp16", "bf16_features_fp32_w", "fp32_features_bf16_w"])
 def test_half_precision(backend, mix):
     dtype, w_dtype = {
         "bf16": (torch.bfloat16, torch.bfloat16),
         "fp16": (torch.float16, torch.float16),
         "bf16_features_fp32_w": (torch.bfloat16, torch.float32),
+        "fp32_features_bf16_w": (torch.float32, torch.bfloat16),
     }[mix]
     h_s, h_t, w, w_t, center = case(5, 64, 301, 4, 2, dtype, w_dtype)
     loss, dh, dw = run(backend, h_s, h_t, w, w_t, center)
@@ -384,3 +385,38 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError):
         loss_fn.forward_fused([h], [h, h], w, teacher_temp=0.0)
     assert torch.equal(loss_fn.center, center)  # a failed call changes no state
+
+
+# ------------------------------------------------------------------------------------------------
+# registration: opcheck and torch.compile
+# ------------------------------------------------------------------------------------------------
+
+
+def test_opcheck():
+    from moco_fast import ops
+
+    S, T, B, b, P = 3, 2, 4, 8, 37
+    h_s = unit(S * B, b, torch.float32).requires_grad_()
+    h_t, w_t = unit(T * B, b, torch.float32), unit(P, b, torch.float32)
+    w, c = unit(P, b, torch.float32).requires_grad_(), torch.randn(P) * 0.1
+    torch.library.opcheck(ops.dino_loss_forward, (h_s, h_t, w, w_t, c, S, T, 10.0, 25.0, "torch"))
+    lse_s, lse_t = torch.randn(S * B), torch.randn(T * B)
+    args = (h_s.detach(), h_t, w.detach(), w_t, c, lse_s, lse_t, S, T, 10.0, 25.0, 0.1, "torch")
+    torch.library.opcheck(ops.dino_prototype_grad, args)
+
+
+def test_compiles_fullgraph():
+    h_s, h_t, w, w_t, center = case(4, 8, 37, 3, 2, torch.float32, torch.float32)
+    fn = torch.compile(
+        lambda hs, ht, w: dino_loss(hs, ht, w, center, backend="torch"), fullgraph=True, backend="aot_eager"
+    )
+    a = run_with(fn, h_s, h_t, w)
+    b = run_with(lambda hs, ht, w: dino_loss(hs, ht, w, center, backend="torch"), h_s, h_t, w)
+    assert torch.allclose(a[0], b[0]) and all(torch.allclose(x, y) for x, y in zip(a[1], b[1]))
+
+
+def run_with(fn, h_s, h_t, w):
+    hs = [h.clone().requires_grad_() for h in h_s]
+    wr = w.clone().requires_grad_()
+    loss = fn(hs, h_t, wr)
+    return loss.detach(), torch.autograd.grad(loss, [*hs, wr])
