@@ -128,3 +128,26 @@ def test_dino_two_processes_share_the_center(tmp_path):
     assert torch.equal(r0["center"], r1["center"]) and r0["center"].abs().sum() > 0  # all-reduced
     for a, b in zip(r0["params"], r1["params"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_image_folder_multicrop(tmp_path):
+    """--data DIR with multi-crop: the torchvision pipeline gives 2 global + N local crops per image."""
+    from PIL import Image
+
+    from moco_fast.train.data import image_folder_source
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(8):
+            arr = (torch.rand(30, 30, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / "imgs" / cls / f"{i}.png")
+    source = image_folder_source(str(tmp_path / "imgs"), version="v2", size=28, crop_min=0.3, blur_prob=0.5,
+                                 held_out_fraction=0.25, seed=0, workers=0, local_crops=3, local_size=12)  # fmt: skip
+    step, *views = next(source.views(Order(source.num_train, 4), 0, 0, torch.device("cpu")))
+    assert [tuple(v.shape) for v in views] == [(4, 3, 28, 28)] * 2 + [(4, 3, 12, 12)] * 3
+    kw = dict(
+        data=str(tmp_path / "imgs"), preset="dino-mnist", epochs=1, batch_size=4, workers=0, held_out_fraction=0.25
+    )
+    summary = train(tiny(tmp_path, "folder", **kw))
+    assert summary["finished"] and summary["global_step"] == 3
