@@ -420,3 +420,17 @@ def run_with(fn, h_s, h_t, w):
     wr = w.clone().requires_grad_()
     loss = fn(hs, h_t, wr)
     return loss.detach(), torch.autograd.grad(loss, [*hs, wr])
+
+
+def test_torch_student_pass_fused_and_blockwise_agree(monkeypatch):
+    """The torch backend's student pass runs PyTorch's fused CPU attention for fp32 (a guarded private op);
+    MOCO_FAST_CPU_FUSED_ATTENTION=0 gives the blockwise sweep: both against float64."""
+    from moco_fast.torch_backend.dino import dino_softmax_pass
+
+    x, w = unit(37, 64, torch.float32), unit(3001, 64, torch.float32)
+    z = (x.double() @ w.double().T) * 10.0
+    for env in ("1", "0"):
+        monkeypatch.setenv("MOCO_FAST_CPU_FUSED_ATTENTION", env)
+        lse, out = dino_softmax_pass(x, w, w, None, 10.0)
+        assert torch.allclose(lse.double(), torch.logsumexp(z, 1), rtol=1e-6), env
+        assert rel(out, torch.softmax(z, 1) @ w.double()) < 1e-5, env

@@ -29,7 +29,7 @@ def test_presets_name_their_methods():
     for method in ("byol", "swav", "dino"):
         cfg = resolve({"method": method})
         assert cfg.preset == f"{method}-mnist" and cfg.method == method and PRESETS[cfg.preset]["method"] == method
-    assert resolve({"method": "dino"}).local_crops == 4 and resolve({"method": "dino"}).local_size == 14
+    assert resolve({"method": "swav"}).local_crops == 4 and resolve({"method": "dino"}).local_size == 14
     assert resolve({"method": "byol"}).momentum_schedule == "cosine"
     with pytest.raises(ConfigError, match="is for method 'swav'"):
         resolve({"preset": "swav-mnist", "method": "dino"})

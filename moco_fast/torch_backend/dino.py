@@ -13,6 +13,8 @@ contract in ``moco_fast.backends``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import dino_pairs
@@ -36,6 +38,10 @@ _ROW_CHUNK = 128
 
 def dino_softmax_pass(x, keys, values, bias, scale, block: int | None = None):
     """(lse (R,), out (R, b)) of z = scale·(x·keysᵀ − bias): lse_r = logsumexp_k z_rk, out_r = Σ_k p_rk·values_k."""
+    if bias is None and block is None:
+        fused = _fused_attention_pass(x, keys, values, scale)
+        if fused is not None:
+            return fused
     if x.shape[0] > _ROW_CHUNK:
         parts = [
             _softmax_sweep(x[r : r + _ROW_CHUNK], keys, values, bias, scale, block)
@@ -43,6 +49,30 @@ def dino_softmax_pass(x, keys, values, bias, scale, block: int | None = None):
         ]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return _softmax_sweep(x, keys, values, bias, scale, block)
+
+
+def _fused_attention_pass(x, keys, values, scale):
+    """The student pass (no bias, values = keys) by PyTorch's fused CPU flash-attention kernel, or None.
+
+    The same private aten op and guard as the InfoNCE forward (torch_backend/infonce.py): fp32 CPU tensors
+    only, any failure falls back to the blockwise sweep, MOCO_FAST_CPU_FUSED_ATTENTION=0 disables it.
+    """
+    from .infonce import _FUSED_ATTENTION_OP
+
+    if (
+        _FUSED_ATTENTION_OP is None
+        or os.environ.get("MOCO_FAST_CPU_FUSED_ATTENTION", "1") == "0"
+        or x.device.type != "cpu"
+        or x.shape[0] == 0
+        or any(t.dtype != torch.float32 for t in (x, keys, values))
+        or not (values is keys or values.data_ptr() == keys.data_ptr())
+    ):
+        return None
+    try:
+        out, lse = _FUSED_ATTENTION_OP(x[None, None], keys[None, None], keys[None, None], scale=scale)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    return lse.reshape(x.shape[0]), out.reshape(x.shape)
 
 
 def _softmax_sweep(x, keys, values, bias, scale, block: int | None):

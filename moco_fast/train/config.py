@@ -204,6 +204,7 @@ PRESETS.update(
             lr=0.1,
             weight_decay=5e-4,
             epochs=50,
+            knn_every=5,
         ),
         # SwAV: 2 × 28 px + 4 × 14 px crops, 300 prototypes, log-domain Sinkhorn (ε 0.05, 3 iterations), τ 0.1.
         "swav-mnist": dict(
@@ -221,9 +222,12 @@ PRESETS.update(
             crop_min=0.5,
             freeze_prototypes_steps=62,
             lr=0.1,
-            epochs=30,
+            epochs=20,
+            knn_every=2,
         ),
-        # DINO: 2 × 28 px + 4 × 14 px crops, head 512 → 64 → 1024 prototypes, the fused loss, T_s 0.1, T_t 0.04.
+        # DINO: 2 × 28 px + 2 × 14 px crops, head 512 → 64 → 1024 prototypes, the fused loss, T_s 0.1, T_t 0.04,
+        # lr 0.03. Seed 0, 15 epochs: 4 local crops 0.937 (30% more time per step), lr 0.05 0.925, and at epoch
+        # 12: lr 0.1 0.920, teacher momentum 0.98 0.901, 0.995 0.922, against lr 0.03's 0.936.
         "dino-mnist": dict(
             _MNIST_FAMILY,
             method="dino",
@@ -238,14 +242,15 @@ PRESETS.update(
             momentum=0.99,
             momentum_schedule="cosine",
             final_momentum=1.0,
-            local_crops=4,
+            local_crops=2,
             local_size=14,
             local_crop_min=0.2,
             local_crop_max=0.6,
             crop_min=0.5,
             freeze_last_layer=1,
-            lr=0.05,
-            epochs=30,
+            lr=0.03,
+            epochs=15,
+            knn_every=3,
         ),
     }
 )
