@@ -9,6 +9,11 @@ The public API, nothing else:
 * :func:`concat_all_gather`, :func:`batch_shuffle_ddp`, :func:`batch_unshuffle_ddp` — DDP helpers.
 * :class:`MoCo` — the official MoCo builder's constructor on top of the above (forward returns
   ``(loss, stats)``, not logits and labels).
+* BYOL / SimSiam: :class:`NegativeCosineSimilarity`, :func:`byol_loss`, :class:`BYOLLoss`,
+  :class:`BYOLProjectionHead`, :class:`BYOLPredictionHead` (the target: :class:`MomentumEncoder`, cosine).
+* SwAV: :func:`sinkhorn` (log domain), :class:`SwaVLoss`, :class:`SwaVPrototypes`, :class:`SwaVQueue`.
+* DINO: :func:`dino_loss` (fused, no (B, P) logits), :class:`DINOLoss`, :class:`DINOHead`,
+  :class:`NonFiniteTeacherError`; multi-crop: :class:`MultiCropTransform`.
 """
 
 from .backends import available_backends
