@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import queue as _queue
 from .distributed import is_distributed
 from .functional import dino_loss
-from .validation import check_matrix, check_momentum, check_nonempty, check_positive_int, check_temperature
+from .validation import check_momentum, check_positive_int, check_temperature, check_view_list
 
 __all__ = ["DINOHead", "DINOLoss", "NonFiniteTeacherError"]
 
@@ -162,18 +162,6 @@ class DINOHead(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_logit_views(views: object, name: str, num_prototypes: int) -> list[Tensor]:
-    if isinstance(views, Tensor) or not isinstance(views, (list, tuple)):
-        raise TypeError(f"{name} must be a list of (B, P) tensors, one per view; got {type(views).__name__}")
-    views = list(views)
-    if not views:
-        raise ValueError(f"{name} is an empty list: give at least one view")
-    for i, v in enumerate(views):
-        check_matrix(v, f"{name}[{i}]", num_prototypes)
-        check_nonempty(v, f"{name}[{i}]")
-    return views
-
-
 class DINOLoss(nn.Module):
     """DINO's loss with centering and sharpening of the teacher (lightly's ``DINOLoss``).
 
@@ -251,8 +239,8 @@ class DINOLoss(nn.Module):
     ) -> Tensor:
         """lightly's DINOLoss.forward: teacher_out (T views of (B, P) logits, no gradient), student_out
         (S views of (B, P) logits, global crops first); returns the fp32 scalar and updates the center."""
-        teacher = _check_logit_views(teacher_out, "teacher_out", self.output_dim)
-        student = _check_logit_views(student_out, "student_out", self.output_dim)
+        teacher = check_view_list(teacher_out, "teacher_out", self.output_dim)
+        student = check_view_list(student_out, "student_out", self.output_dim)
         for name, views in (("teacher_out", teacher), ("student_out", student)):
             for i, v in enumerate(views):
                 if v.shape != teacher[0].shape:

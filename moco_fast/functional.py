@@ -22,6 +22,7 @@ from .validation import (
     check_same_device,
     check_same_shape,
     check_temperature,
+    check_view_list,
     group_pairs,
     reduce,
 )
@@ -154,22 +155,10 @@ def momentum_update(
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_view_list(views: object, name: str) -> list[Tensor]:
-    if isinstance(views, Tensor) or not isinstance(views, (list, tuple)):
-        raise TypeError(f"{name} must be a list of (B, b) tensors, one per view; got {type(views).__name__}")
-    views = list(views)
-    if not views:
-        raise ValueError(f"{name} is an empty list: give at least one view")
-    for i, v in enumerate(views):
-        check_matrix(v, f"{name}[{i}]")
-        check_nonempty(v, f"{name}[{i}]")
-    return views
-
-
 def check_dino_inputs(student, teacher, prototypes, center, teacher_prototypes) -> tuple[list, list, Tensor, Tensor]:
     """Validate dino_loss's arguments; returns (student list, teacher list, teacher_prototypes, center (P,))."""
-    student = _check_view_list(student, "student")
-    teacher = _check_view_list(teacher, "teacher")
+    student = check_view_list(student, "student")
+    teacher = check_view_list(teacher, "teacher")
     first = student[0]
     for name, views in (("student", student), ("teacher", teacher)):
         for i, v in enumerate(views):

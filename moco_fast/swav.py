@@ -41,6 +41,7 @@ from .validation import (
     check_positive_int,
     check_same_device,
     check_temperature,
+    check_view_list,
     compute_dtype,
 )
 
@@ -123,18 +124,6 @@ def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05, gather_
     return L.add_(log_b).clamp_(min=_EXP_FLOOR[ct]).exp_()
 
 
-def _check_views(views: object, name: str, allow_empty: bool) -> list[Tensor]:
-    if isinstance(views, Tensor) or not isinstance(views, (list, tuple)):
-        raise TypeError(f"{name} must be a list of (B, P) tensors, got {type(views).__name__}")
-    views = list(views)
-    if not views and not allow_empty:
-        raise ValueError(f"{name} is empty: give at least one view")
-    for i, v in enumerate(views):
-        check_matrix(v, f"{name}[{i}]")
-        check_nonempty(v, f"{name}[{i}]")
-    return views
-
-
 class SwaVLoss(nn.Module):
     """SwAV's swapped-prediction loss (lightly's ``SwaVLoss``, on the log-domain :func:`sinkhorn`).
 
@@ -172,8 +161,8 @@ class SwaVLoss(nn.Module):
         return -torch.mean(torch.sum(q.to(ct) * F.log_softmax(z.to(ct) / self.temperature, dim=1), dim=1))
 
     def _check(self, high, low, queue) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
-        high = _check_views(high, "high_resolution_outputs", allow_empty=False)
-        low = _check_views(low, "low_resolution_outputs", allow_empty=True)
+        high = check_view_list(high, "high_resolution_outputs")
+        low = check_view_list(low, "low_resolution_outputs", allow_empty=True)
         first = high[0]
         for name, views in (("high_resolution_outputs", high), ("low_resolution_outputs", low)):
             for i, v in enumerate(views):
@@ -186,7 +175,7 @@ class SwaVLoss(nn.Module):
         if len(high) + len(low) < 2:
             raise ValueError("SwaVLoss needs at least two crops in total (one to code, one to predict it)")
         if queue is not None:
-            queue = _check_views(queue, "queue_outputs", allow_empty=False)
+            queue = check_view_list(queue, "queue_outputs")
             if len(queue) != len(high):
                 raise ValueError(
                     f"queue_outputs has {len(queue)} entries but there are {len(high)} high-resolution crops "

@@ -120,7 +120,7 @@ def test_swav_loss_bad_input():
     s = scores(8, 10)
     with pytest.raises(ValueError, match="at least two crops"):
         loss([s], [])
-    with pytest.raises(ValueError, match="high_resolution_outputs is empty"):
+    with pytest.raises(ValueError, match="high_resolution_outputs is an empty list"):
         loss([], [s, s])
     with pytest.raises(ValueError, match=r"low_resolution_outputs\[0\] has shape"):
         loss([s, s], [scores(8, 11)])

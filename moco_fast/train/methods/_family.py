@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ...momentum import MomentumEncoder
 from ..config import TrainConfig
 from ..models import encoder_factory
 
@@ -57,3 +58,15 @@ class StepCounter(nn.Module):
 
     def set_extra_state(self, state) -> None:
         self.step = int(state["step"])
+
+
+def momentum_target(cfg: TrainConfig, online: nn.Module, total_steps: int) -> MomentumEncoder:
+    """The momentum copy of ``online`` (BYOL's target, DINO's teacher): --momentum, cosine to --final-momentum."""
+    return MomentumEncoder(
+        online,
+        cfg.momentum,
+        schedule="cosine" if cfg.momentum_schedule == "cosine" else None,
+        final_momentum=cfg.final_momentum,
+        total_steps=total_steps,
+        backend=cfg.backend,
+    )

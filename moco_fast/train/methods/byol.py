@@ -9,10 +9,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ...byol import BYOLLoss, BYOLPredictionHead, BYOLProjectionHead
-from ...momentum import MomentumEncoder
 from ..config import TrainConfig
 from . import Method
-from ._family import encoder_with_head
+from ._family import encoder_with_head, momentum_target
 
 
 class BYOLModel(nn.Module):
@@ -24,14 +23,7 @@ class BYOLModel(nn.Module):
             cfg, in_channels, lambda features: BYOLProjectionHead(features, cfg.hidden_dim, cfg.dim)
         )
         self.predictor = BYOLPredictionHead(cfg.dim, cfg.hidden_dim, cfg.dim)
-        self.momentum_encoder = MomentumEncoder(
-            self.encoder_q,
-            cfg.momentum,
-            schedule="cosine" if cfg.momentum_schedule == "cosine" else None,
-            final_momentum=cfg.final_momentum,
-            total_steps=total_steps,
-            backend=cfg.backend,
-        )
+        self.momentum_encoder = momentum_target(cfg, self.encoder_q, total_steps)
         self.criterion = BYOLLoss()
 
     def forward(self, views: list[Tensor]):

@@ -14,11 +14,10 @@ import torch
 from torch import Tensor
 
 from ...dino import DINOHead, DINOLoss
-from ...momentum import MomentumEncoder
 from ..config import TrainConfig
 from ..models import backbone_features
 from . import Method
-from ._family import StepCounter, encoder_with_head, forward_views
+from ._family import StepCounter, encoder_with_head, forward_views, momentum_target
 
 
 class DINOModel(StepCounter):
@@ -38,14 +37,7 @@ class DINOModel(StepCounter):
                 freeze_last_layer=cfg.freeze_last_layer,
             ),
         )
-        self.momentum_encoder = MomentumEncoder(
-            self.encoder_q,
-            cfg.momentum,
-            schedule="cosine" if cfg.momentum_schedule == "cosine" else None,
-            final_momentum=cfg.final_momentum,
-            total_steps=total_steps,
-            backend=cfg.backend,
-        )
+        self.momentum_encoder = momentum_target(cfg, self.encoder_q, total_steps)
         self.criterion = DINOLoss(
             cfg.prototypes,
             warmup_teacher_temp=cfg.warmup_teacher_temp,
