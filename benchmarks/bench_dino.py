@@ -13,7 +13,8 @@ formulation (moco_fast.reference, autograd) before it is timed, and its relative
   (B·crops, P) logits (two softmax-weighted sweeps over W, a blockwise recompute for dW).
 
 Metrics: median fwd+bwd time after warm-up (perf_counter; CUDA events on a GPU), the ratio to the baseline
-inside one run, and the peak extra memory of the first call in a fresh process per row (VmHWM above the RSS
+inside one run, GFLOP/s of useful work (the materialized path's three GEMMs, 2·(R_s + R_t)·P·b + 4·R_s·P·b
+flops, for every row), and the peak extra memory of the first call in a fresh process per row (VmHWM above the RSS
 once the inputs exist; GPU: max_memory_allocated above the inputs), also net of the gradients the call
 returns (dW (P, b) and dh — the same bytes in every row).
 
@@ -166,7 +167,9 @@ def bench_dino(args) -> dict:
             "dh_rel_err": max(_rel(x, y) for x, y in zip(dh, ref[1])),
             "dw_rel_err": _rel(dw, ref[2]),
         }
-        if max(err.values()) > 1e-3:
+        # lightly's loss value drifts with B·P (one fp32 einsum over B·P products per view pair: 3e-3 at
+        # P = 65536); its gradients do not. A row is wrong beyond that.
+        if err["loss_rel_err"] > 1e-2 or err["dh_rel_err"] > 1e-3 or err["dw_rel_err"] > 1e-3:
             raise SystemExit(f"{name} disagrees with the float64 reference: {err}")
         timing = common.time_fn(
             lambda fn=fn, prepare=prepare: fwd_bwd(fn, prepare, *inputs),
