@@ -76,3 +76,12 @@ else:
 SUPPORT["contrast"] = Support(devices=_DEVICES, dtypes=_KERNEL_DTYPES, max_dim=256)
 SUPPORT["memory_bank_update"] = Support(devices=_DEVICES, dtypes=_KERNEL_DTYPES, contiguous=True)
 __all__ += ["contrast_forward", "contrast_backward_keys", "memory_bank_update_"]
+# --- BYOL / SwAV / DINO: the DINO loss's two kernel stages (dino_fwd.py, dino_bwd.py), kernel + launcher each.
+if AVAILABLE:
+    from .dino_bwd import dino_prototype_grad
+    from .dino_fwd import dino_softmax_pass
+else:
+    dino_softmax_pass = dino_prototype_grad = _unavailable
+
+SUPPORT["dino_loss"] = Support(devices=_DEVICES, dtypes=_KERNEL_DTYPES, max_dim=256)
+__all__ += ["dino_prototype_grad", "dino_softmax_pass"]

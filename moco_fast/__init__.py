@@ -14,6 +14,11 @@ The public API, nothing else:
 * :func:`nt_xent`, :class:`NTXentLoss` (SimCLR, lightly-compatible), :func:`mocov3_loss`,
   :func:`cmc_loss` (multi-view CMC), :func:`all_gather_with_grad` — end-to-end dictionaries.
 * :class:`MemoryBank`, :class:`MemoryBankHead` — InstDisc / NPID, with the exact softmax over the bank.
+* BYOL / SimSiam: :class:`NegativeCosineSimilarity`, :func:`byol_loss`, :class:`BYOLLoss`,
+  :class:`BYOLProjectionHead`, :class:`BYOLPredictionHead` (the target: :class:`MomentumEncoder`, cosine).
+* SwAV: :func:`sinkhorn` (log domain), :class:`SwaVLoss`, :class:`SwaVPrototypes`, :class:`SwaVQueue`.
+* DINO: :func:`dino_loss` (fused, no (B, P) logits), :class:`DINOLoss`, :class:`DINOHead`,
+  :class:`NonFiniteTeacherError`; multi-crop: :class:`MultiCropTransform`.
 """
 
 from .backends import available_backends
@@ -58,4 +63,28 @@ __all__ = [
     "contrastive_cross_entropy",
     "mocov3_loss",
     "nt_xent",
+]
+
+# --- BYOL / SwAV / DINO
+from .byol import BYOLLoss, BYOLPredictionHead, BYOLProjectionHead, NegativeCosineSimilarity, byol_loss  # noqa: E402
+from .dino import DINOHead, DINOLoss, NonFiniteTeacherError  # noqa: E402
+from .functional import dino_loss  # noqa: E402
+from .multicrop import MultiCropTransform  # noqa: E402
+from .swav import SwaVLoss, SwaVPrototypes, SwaVQueue, sinkhorn  # noqa: E402
+
+__all__ += [
+    "BYOLLoss",
+    "BYOLPredictionHead",
+    "BYOLProjectionHead",
+    "DINOHead",
+    "DINOLoss",
+    "MultiCropTransform",
+    "NegativeCosineSimilarity",
+    "NonFiniteTeacherError",
+    "SwaVLoss",
+    "SwaVPrototypes",
+    "SwaVQueue",
+    "byol_loss",
+    "dino_loss",
+    "sinkhorn",
 ]

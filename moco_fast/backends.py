@@ -62,6 +62,19 @@ function never hands work to another backend: given an input it cannot serve it 
     normalize(m·bank[i_b] + (1 − m)·f_b) in fp32 (x / max(‖x‖, 1e-12)), cast to bank.dtype. Duplicate
     indices: the last occurrence in the batch wins, mixed with the row as it was before the batch.
     All-or-nothing on non-finite features; returns ok, a (1,) bool device tensor (no host sync on a GPU).
+--- BYOL / SwAV / DINO (op "dino_loss"; the pair bookkeeping is moco_fast/dino_pairs.py):
+
+``dino_softmax_pass(x, keys, values, bias, scale) -> (lse, out)``
+    x (R, b); keys, values (P, b) (values may be keys itself), P ≥ 1; bias (P,) fp32 or None; scale =
+    1/temperature. Row r's logits z_rk = scale·(x_r·keys_k − bias_k) (fp32 accumulation); lse (R,) fp32
+    natural-log logsumexp; out (R, b) fp32 = Σ_k softmax(z_r)_k·values_k. Never forms (R, P).
+    (fp64 inputs, torch/reference only: fp64 outputs.)
+``dino_prototype_grad(student, teacher, prototypes, teacher_prototypes, center, lse_s, lse_t, num_views,
+num_teacher_views, student_scale, teacher_scale, grad_scale) -> dw``
+    student (S·B, b), teacher (T·B, b) view-major; prototypes, teacher_prototypes (P, b); center (P,);
+    lse_s/lse_t from the passes above (student: no bias; teacher: bias = center). With P_s, P_t the two
+    softmaxes recomputed blockwise, h[v] student view v, H = Σ_v h[v] and n_v = T − [v < T]:
+    dw = grad_scale·(Σ_v n_v·P_s[v]ᵀ·h[v] + Σ_u P_t[u]ᵀ·([u < S]·h[u] − H)), (P, b) in prototypes.dtype.
 """
 
 from __future__ import annotations

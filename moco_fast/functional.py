@@ -26,6 +26,7 @@ from .validation import (
     check_same_device,
     check_same_shape,
     check_temperature,
+    check_view_list,
     group_pairs,
     reduce,
 )
@@ -354,3 +355,112 @@ def cmc_loss(
             per_pair[(i, j)] = row
     losses = torch.stack([per_pair[p] for p in cmc_pairs(num)])
     return reduce(losses, reduction)
+
+
+# --- BYOL / SwAV / DINO: the DINO loss without the (rows, P) logits
+# ------------------------------------------------------------------------------------------------
+
+
+def check_dino_inputs(student, teacher, prototypes, center, teacher_prototypes) -> tuple[list, list, Tensor, Tensor]:
+    """Validate dino_loss's arguments; returns (student list, teacher list, teacher_prototypes, center (P,))."""
+    student = check_view_list(student, "student")
+    teacher = check_view_list(teacher, "teacher")
+    first = student[0]
+    for name, views in (("student", student), ("teacher", teacher)):
+        for i, v in enumerate(views):
+            if v.shape != first.shape:
+                raise ValueError(
+                    f"{name}[{i}] has shape {tuple(v.shape)} but student[0] has {tuple(first.shape)}: every view "
+                    "is the same batch of (B, b) bottleneck features"
+                )
+    dim = first.shape[1]
+    check_matrix(prototypes, "prototypes")
+    if prototypes.shape[1] != dim:
+        raise ValueError(
+            f"prototypes have dim {prototypes.shape[1]} but the features have dim {dim} (prototypes: (P, b))"
+        )
+    check_nonempty(prototypes, "prototypes")
+    num_prototypes = prototypes.shape[0]
+    if teacher_prototypes is None:
+        teacher_prototypes = prototypes.detach()
+    else:
+        check_matrix(teacher_prototypes, "teacher_prototypes")
+        check_same_shape(teacher_prototypes, "teacher_prototypes", prototypes, "prototypes")
+    if not isinstance(center, Tensor) or not center.is_floating_point():
+        raise TypeError(f"center must be a floating tensor of shape (P,), got {type(center).__name__}")
+    if tuple(center.shape) not in ((num_prototypes,), (1, 1, num_prototypes)):
+        raise ValueError(
+            f"center must have shape ({num_prototypes},) (P) or (1, 1, {num_prototypes}), got {tuple(center.shape)}"
+        )
+    if len(student) * len(teacher) - min(len(student), len(teacher)) == 0:
+        raise ValueError(
+            f"the DINO loss needs a pair of different views: {len(teacher)} teacher and {len(student)} student view(s) "
+            "leave none (teacher view u and student view u are the same view)"
+        )
+    named = [(f"student[{i}]", v) for i, v in enumerate(student)] + [
+        (f"teacher[{i}]", v) for i, v in enumerate(teacher)
+    ]
+    named += [("prototypes", prototypes), ("teacher_prototypes", teacher_prototypes), ("center", center)]
+    check_same_device(*named)
+    return student, teacher, teacher_prototypes, center.reshape(num_prototypes)
+
+
+def dino_loss(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    prototypes: Tensor,
+    center: Tensor,
+    *,
+    teacher_prototypes: Tensor | None = None,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+    backend: str = "auto",
+) -> Tensor:
+    """DINO's cross-entropy from the bottleneck features and the last layer, never forming (B, P) logits.
+
+    With s = h_s·Wᵀ (student logits) and t = h_t·W_tᵀ (teacher logits), the loss is lightly's / DINO's
+    mean over (teacher view u, student view v ≠ u) and batch rows of −Σ_k softmax((t − c)/T_t)_k ·
+    log_softmax(s/T_s)_k — computed from two softmax-weighted sweeps over the P prototypes and a blockwise
+    recomputation for the prototypes' gradient (docs/design.md, "Op contracts"). Extra memory
+    O((B·views)·b) plus a bounded tile, whatever P is.
+
+    Args:
+        student: list of (B, b) student bottleneck features, one per crop (global crops first; the DINO
+            head's L2-normalized bottleneck, :meth:`moco_fast.DINOHead.bottleneck`). Gradient flows to them.
+        teacher: list of (B, b) teacher features of the global crops (teacher view u = student view u).
+            No gradient.
+        prototypes: (P, b) the student's last layer as it multiplies the features: for DINO's
+            weight-normalized layer, the effective weight g·V/‖V‖ (:attr:`moco_fast.DINOHead.prototypes`).
+            Gradient flows to it.
+        center: (P,) (or lightly's (1, 1, P)) the teacher center, subtracted from the teacher logits. Not updated
+            here (see :meth:`moco_fast.DINOLoss.forward_fused`). No gradient.
+        teacher_prototypes: (P, b) the teacher's last layer (the momentum copy); None: ``prototypes``, detached.
+            No gradient.
+        student_temp, teacher_temp: T_s, T_t > 0.
+        backend: "auto" | "triton" | "torch" | "reference".
+
+    Returns the fp32 scalar loss (fp64 for fp64 inputs).
+    """
+    student, teacher, teacher_prototypes, center = check_dino_inputs(
+        student, teacher, prototypes, center, teacher_prototypes
+    )
+    s_temp = check_temperature(student_temp, "student_temp")
+    t_temp = check_temperature(teacher_temp, "teacher_temp")
+    dtypes = {v.dtype for v in student + teacher} | {prototypes.dtype, teacher_prototypes.dtype}
+    impl = backends.select("dino_loss", backend, prototypes.device, tuple(sorted(dtypes, key=str)), prototypes.shape[1])
+    ct = torch.float64 if torch.float64 in dtypes else torch.float32
+    h_s = torch.cat(student) if len(student) > 1 else student[0]
+    h_t = (torch.cat(teacher) if len(teacher) > 1 else teacher[0]).detach()
+    loss, *_ = ops.dino_loss_forward(
+        h_s,
+        h_t,
+        prototypes,
+        teacher_prototypes.detach(),
+        center.detach().to(ct, copy=True),  # a copy: the caller may update its center before the backward
+        len(student),
+        len(teacher),
+        1.0 / s_temp,
+        1.0 / t_temp,
+        impl,
+    )
+    return loss

@@ -282,3 +282,89 @@ def memory_bank_update_(bank, indices, features, momentum):
 
 SUPPORT["contrast"] = Support(devices=None, dtypes=_ANY_FLOAT)
 SUPPORT["memory_bank_update"] = Support(devices=None, dtypes=_ANY_FLOAT)
+# --- BYOL / SwAV / DINO: the official formulations (lightly's code, written the same way)
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference_sinkhorn(scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05) -> torch.Tensor:
+    """The official / lightly Sinkhorn-Knopp in the exp domain, in ``scores``' dtype (single process).
+
+    Q = exp(scores/ε)ᵀ (P, B), Q /= ΣQ, then per iteration Q /= row sums, Q /= P, Q /= column sums,
+    Q /= B; returns (B·Q)ᵀ (B, P). Overflows to inf/NaN once scores/ε exceeds the dtype's exp range.
+    """
+    Q = torch.exp(scores / epsilon).t()
+    Q /= torch.sum(Q)
+    num_prototypes, num_samples = Q.shape
+    for _ in range(iterations):
+        Q /= torch.sum(Q, dim=1, keepdim=True)
+        Q /= num_prototypes
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= num_samples
+    Q *= num_samples
+    return Q.t()
+
+
+def reference_swav_loss(high, low, queue=None, temperature=0.1, iterations=3, epsilon=0.05) -> torch.Tensor:
+    """lightly's SwaVLoss.forward on :func:`reference_sinkhorn`, in the inputs' dtype (0-dim result)."""
+    crops = list(high) + list(low)
+    loss = 0.0
+    for i, scores in enumerate(high):
+        inputs = scores.detach() if queue is None else torch.cat((scores.detach(), queue[i].detach()))
+        q = reference_sinkhorn(inputs, iterations, epsilon)[: scores.shape[0]]
+        sub = sum(
+            -torch.mean(torch.sum(q * F.log_softmax(crops[v] / temperature, dim=1), dim=1))
+            for v in range(len(crops))
+            if v != i
+        )
+        loss = loss + sub / (len(crops) - 1)
+    return loss / len(high)
+
+
+def reference_dino_loss(
+    teacher_out: Sequence[torch.Tensor],
+    student_out: Sequence[torch.Tensor],
+    center: torch.Tensor,
+    teacher_temp: float = 0.04,
+    student_temp: float = 0.1,
+) -> torch.Tensor:
+    """lightly's DINOLoss.forward without the center update: the materialized (views, B, P) softmaxes.
+
+    center: (P,) or (1, 1, P). Pairs (teacher view t, student view s) with t ≠ s, averaged over pairs
+    and batch rows.
+    """
+    t_out = F.softmax((torch.stack(list(teacher_out)) - center.reshape(1, 1, -1)) / teacher_temp, dim=-1)
+    s_out = F.log_softmax(torch.stack(list(student_out)) / student_temp, dim=-1)
+    loss = -torch.einsum("tbd,sbd->ts", t_out, s_out)
+    loss.fill_diagonal_(0)
+    n_terms = loss.numel() - loss.diagonal().numel()
+    return loss.sum() / (n_terms * t_out.shape[1])
+
+
+@torch.no_grad()
+def dino_softmax_pass(x, keys, values, bias, scale):
+    """(lse, out) from the materialized logits z = scale·(x·keysᵀ − bias): see moco_fast.backends."""
+    ct = torch.promote_types(torch.promote_types(x.dtype, keys.dtype), torch.promote_types(values.dtype, torch.float32))
+    logits = x.to(ct) @ keys.to(ct).T
+    if bias is not None:
+        logits = logits - bias.to(ct)
+    logits = logits * scale
+    return torch.logsumexp(logits, dim=1), torch.softmax(logits, dim=1) @ values.to(ct)
+
+
+@torch.no_grad()
+def dino_prototype_grad(
+    student, teacher, prototypes, teacher_prototypes, center, lse_s, lse_t, num_views, num_teacher_views,
+    student_scale, teacher_scale, grad_scale,
+):  # fmt: skip
+    """dW from the two materialized softmaxes: grad_scale·(P_sᵀ y_s + P_tᵀ y_t), in prototypes.dtype."""
+    from .dino_pairs import prototype_grad_rows
+
+    ct = lse_s.dtype
+    y_s, y_t = prototype_grad_rows(student, num_views, num_teacher_views, ct)
+    p_s = torch.exp((student.to(ct) @ prototypes.to(ct).T) * student_scale - lse_s[:, None])
+    p_t = torch.exp((teacher.to(ct) @ teacher_prototypes.to(ct).T - center.to(ct)) * teacher_scale - lse_t[:, None])
+    return ((p_s.T @ y_s + p_t.T @ y_t) * grad_scale).to(prototypes.dtype)
+
+
+SUPPORT["dino_loss"] = Support(devices=None, dtypes=_ANY_FLOAT)

@@ -168,3 +168,19 @@ def check_indices(indices: object, name: str, upper: int, like: Tensor, like_nam
             bad = low if low < lower else high
             raise ValueError(f"{name} must be in [{lower}, {upper}), got {bad}")
     return indices.long()
+
+
+# --- BYOL / SwAV / DINO
+
+
+def check_view_list(views: object, name: str, dim: int | None = None, allow_empty: bool = False) -> list[Tensor]:
+    """A list/tuple of non-empty 2-D floating tensors, one per view (``dim`` columns if given), else an error."""
+    if isinstance(views, Tensor) or not isinstance(views, (list, tuple)):
+        raise TypeError(f"{name} must be a list of 2-D tensors, one per view; got {type(views).__name__}")
+    views = list(views)
+    if not views and not allow_empty:
+        raise ValueError(f"{name} is an empty list: give at least one view")
+    for i, v in enumerate(views):
+        check_matrix(v, f"{name}[{i}]", dim)
+        check_nonempty(v, f"{name}[{i}]")
+    return views

@@ -54,7 +54,9 @@ def test_presets():
     assert default.preset == "mnist" and default.model == "cnn" and default.queue_size <= 4000 and default.bn_splits > 1
     assert resolve({"cifar10": "x"}).preset == "cifar" and resolve({"data": "x"}).preset == "mocov2"
     assert resolve({"preset": "mocov1", "temperature": 0.5}).temperature == 0.5  # override wins
-    assert set(PRESETS) == {"mocov1", "mocov2", "cifar", "mnist", "simclr_mnist", "mocov3_mnist", "instdisc_mnist"}
+    assert set(PRESETS) == {"mocov1", "mocov2", "cifar", "mnist"} | {
+        f"{m}-mnist" for m in ("simclr", "mocov3", "instdisc", "byol", "swav", "dino")
+    }
 
 
 def test_cli_help_and_print_config(capsys):
@@ -185,7 +187,7 @@ def test_tiny_run_writes_logs(tmp_path):
 
 @pytest.mark.parametrize("method", ["simclr", "mocov3", "instdisc"])
 def test_dictionary_presets_run_tiny(tmp_path, method):
-    cfg = tiny(tmp_path, method, method=method, epochs=1, mlp_hidden=16)
+    cfg = tiny(tmp_path, method, method=method, epochs=1, hidden_dim=16)
     assert cfg.preset == f"{method}_mnist" and cfg.method == method
     summary = train(cfg)
     assert summary["finished"] and summary["global_step"] == 6
@@ -200,7 +202,7 @@ def test_dictionary_presets_run_tiny(tmp_path, method):
 
 @pytest.mark.parametrize("method", ["simclr", "instdisc"])
 def test_dictionary_methods_resume_exactly(tmp_path, method):
-    kw = dict(method=method, mlp_hidden=16, save_every=2)
+    kw = dict(method=method, hidden_dim=16, save_every=2)
     train(tiny(tmp_path, "full", **kw))
     train(tiny(tmp_path, "parts", max_steps=4, **kw))
     train(tiny(tmp_path, "parts", resume="auto", **kw))

@@ -39,3 +39,8 @@ from .memory_bank import memory_bank_update_  # noqa: E402
 SUPPORT["contrast"] = Support(devices=None, dtypes=_ANY_FLOAT)
 SUPPORT["memory_bank_update"] = Support(devices=None, dtypes=_ANY_FLOAT)
 __all__ += ["contrast_backward_keys", "contrast_forward", "memory_bank_update_"]
+# --- BYOL / SwAV / DINO
+from .dino import dino_prototype_grad, dino_softmax_pass  # noqa: E402
+
+SUPPORT["dino_loss"] = Support(devices=None, dtypes=_ANY_FLOAT)
+__all__ += ["dino_prototype_grad", "dino_softmax_pass"]

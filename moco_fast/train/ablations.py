@@ -80,14 +80,14 @@ def run_study(name: str, values: list, seeds: list[int], epochs: int, runs_dir: 
 # --- NT-Xent / MoCo v3 / CMC / memory bank: the "dictionary" study (MoCo Fig. 3 at small scale)
 
 #: method -> (label, preset, overrides for K negatives). End-to-end scales the lr linearly with the batch
-#: (from the simclr_mnist preset's 0.25 at 128), as SimCLR does; the other two keep batch 64.
+#: (from the simclr-mnist preset's 0.25 at 128), as SimCLR does; the other two keep batch 64.
 DICTIONARY = {
     "end-to-end": (
         "end-to-end (SimCLR NT-Xent, B = K/2 + 1)",
-        "simclr_mnist",
+        "simclr-mnist",
         lambda k: {"batch_size": k // 2 + 1, "lr": 0.25 * (k // 2 + 1) / 128},
     ),
-    "memory bank": ("memory bank (InstDisc, K sampled rows)", "instdisc_mnist", lambda k: {"num_negatives": k}),
+    "memory bank": ("memory bank (InstDisc, K sampled rows)", "instdisc-mnist", lambda k: {"num_negatives": k}),
     "moco": ("MoCo (queue of K keys)", "mnist", lambda k: {"queue_size": k}),
 }
 DICTIONARY_K = [128, 256, 512, 1024, 2048, 3968]
@@ -142,7 +142,7 @@ def run_dictionary(
         "extra": extra,
         "rows": rows,
         "baselines": summary["baselines"] if summary else {},
-        "preset": "simclr_mnist / instdisc_mnist / mnist",
+        "preset": "simclr-mnist / instdisc-mnist / mnist",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

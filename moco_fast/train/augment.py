@@ -151,21 +151,25 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-def torchvision_views(version: str, size: int, crop_min: float, blur_prob: float, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """The official MoCo augmentation: "v1" (MoCo v1 / InstDisc) or "v2" (SimCLR-style + blur)."""
+def torchvision_views(
+    version: str, size: int, crop_min: float, blur_prob: float, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_max=1.0
+):
+    """The official MoCo augmentation: "v1" (MoCo v1 / InstDisc) or "v2" (SimCLR-style + blur).
+
+    ``crop_max`` < 1 caps the resized crop's area (multi-crop's local crops)."""
     from torchvision import transforms as T
 
     normalize = T.Normalize(mean, std)
     if version == "v1":
         ops = [
-            T.RandomResizedCrop(size, scale=(crop_min, 1.0)),
+            T.RandomResizedCrop(size, scale=(crop_min, crop_max)),
             T.RandomGrayscale(p=0.2),
             T.ColorJitter(0.4, 0.4, 0.4, 0.4),
             T.RandomHorizontalFlip(),
         ]
     else:
         ops = [
-            T.RandomResizedCrop(size, scale=(crop_min, 1.0)),
+            T.RandomResizedCrop(size, scale=(crop_min, crop_max)),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
         ]

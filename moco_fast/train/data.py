@@ -130,8 +130,14 @@ class TensorSource:
         test_labels: Tensor,
         augment: AugmentConfig,
         name: str = "tensor",
+        local_augment: AugmentConfig | None = None,
+        num_local: int = 0,
     ):
         self.train_images, self.train_labels = train_images, train_labels
+        # Multi-crop (SwAV, DINO): num_local low-resolution crops after the two global views, drawn from the
+        # same generator after them, so the global views are those of a two-view run.
+        self.local_augment = BatchAugment(local_augment) if local_augment is not None and num_local else None
+        self.num_local = num_local if self.local_augment is not None else 0
         self.test_images, self.test_labels = test_images, test_labels
         self.augment_config = augment
         self.augment = BatchAugment(augment)
@@ -147,12 +153,14 @@ class TensorSource:
     def views(
         self, order: Order, epoch: int, start_step: int, device: torch.device, with_indices: bool = False
     ) -> Iterator[tuple]:
-        """(step, view1, view2) per batch; with_indices: (step, indices, view1, view2), indices (B,) int64
-        into the training set on ``device`` (a memory bank's rows)."""
+        """(step, view1, view2, *local crops) per step: two global views, then ``num_local`` local crops;
+        with_indices: (step, indices, view1, ...), indices (B,) int64 into the training set on ``device``
+        (a memory bank's rows)."""
         for step, idx in order.batches(epoch, start_step):
             g = generator(order.seed, 0xA6, epoch, step, order.rank)
             images = self.train_images[idx].to(device, non_blocking=True)
-            views = (self.augment(images, g), self.augment(images, g))
+            views = [self.augment(images, g), self.augment(images, g)]
+            views += [self.local_augment(images, g) for _ in range(self.num_local)]
             yield (step, idx.to(device), *views) if with_indices else (step, *views)
 
     def _part(self, part: str) -> tuple[Tensor, Tensor]:
@@ -172,26 +180,48 @@ class TensorSource:
         return images.flatten(1).float() / 255.0, labels
 
 
-def mnist5k_source(held_out: int, seed: int, augment: AugmentConfig, limit_train: int = 0) -> TensorSource:
-    """MNIST-5k split into train / held-out with a fixed seed; ``limit_train`` keeps the first N train images."""
+def mnist5k_source(
+    held_out: int,
+    seed: int,
+    augment: AugmentConfig,
+    limit_train: int = 0,
+    local_augment: AugmentConfig | None = None,
+    num_local: int = 0,
+) -> TensorSource:
+    """MNIST-5k split into train / held-out with a fixed seed; ``limit_train`` keeps the first N train images.
+
+    ``num_local`` > 0 adds that many crops drawn with ``local_augment`` (multi-crop) to each step's views."""
     images, labels = load_mnist5k()
     train_idx, test_idx = split_indices(images.shape[0], held_out, seed)
     if limit_train:  # a random subset (the file is sorted by class)
         keep = torch.randperm(train_idx.shape[0], generator=generator(seed, 0x11))[:limit_train]
         train_idx = train_idx[keep.sort().values]
     return TensorSource(
-        images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], augment, name="mnist5k"
+        images[train_idx],
+        labels[train_idx],
+        images[test_idx],
+        labels[test_idx],
+        augment,
+        name="mnist5k",
+        local_augment=local_augment,
+        num_local=num_local,
     )
 
 
 class _TwoViews(torch.utils.data.Dataset):
-    """Wraps a PIL dataset: item (index, seed) -> (view1, view2) drawn with torch RNG seeded by seed."""
+    """Wraps a PIL dataset: item (index, seed) -> (view1, view2[, *local crops]) drawn with torch RNG seeded
+    by seed. ``local_transform`` (multi-crop) gives ``num_local`` more crops after the two views."""
 
-    def __init__(self, dataset, transform):
+    def __init__(self, dataset, transform, local_transform=None, num_local: int = 0):
         self.dataset, self.transform = dataset, transform
+        self.local_transform, self.num_local = local_transform, num_local if local_transform is not None else 0
 
     def __len__(self):
         return len(self.dataset)
+
+    def _views(self, image):
+        views = [self.transform(image), self.transform(image)]
+        return tuple(views + [self.local_transform(image) for _ in range(self.num_local)])
 
     def __getitem__(self, item):
         index, seed = item
@@ -199,9 +229,9 @@ class _TwoViews(torch.utils.data.Dataset):
         if torch.utils.data.get_worker_info() is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return self.transform(image), self.transform(image)
+                return self._views(image)
         torch.manual_seed(seed)  # a worker process: its global RNG is ours
-        return self.transform(image), self.transform(image)
+        return self._views(image)
 
 
 class _Transformed(torch.utils.data.Dataset):
@@ -232,7 +262,10 @@ class FolderSource:
         image_size: int,
         workers: int,
         name: str,
+        local_transform=None,
+        num_local: int = 0,
     ):
+        self.local_transform, self.num_local = local_transform, num_local if local_transform is not None else 0
         self.train, self.test = train, test
         self.train_transform, self.eval_transform = train_transform, eval_transform_
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
@@ -251,14 +284,14 @@ class FolderSource:
             for _, idx in order.batches(epoch, start_step)
         ]
         loader = torch.utils.data.DataLoader(
-            _TwoViews(self.train, self.train_transform),
+            _TwoViews(self.train, self.train_transform, self.local_transform, self.num_local),
             batch_sampler=batches,
             num_workers=self.workers,
             pin_memory=device.type == "cuda",
             persistent_workers=False,
         )
-        for step, (v1, v2) in enumerate(loader, start=start_step):
-            views = (v1.to(device, non_blocking=True), v2.to(device, non_blocking=True))
+        for step, views in enumerate(loader, start=start_step):
+            views = tuple(v.to(device, non_blocking=True) for v in views)
             yield (step, indices[step - start_step].to(device), *views) if with_indices else (step, *views)
 
     def eval_batches(self, part: str, device: torch.device, batch_size: int = 256):
@@ -287,8 +320,13 @@ def image_folder_source(
     held_out_fraction: float,
     seed: int,
     workers: int,
+    local_crops: int = 0,
+    local_size: int = 96,
+    local_scale: tuple[float, float] = (0.05, 0.4),
 ) -> FolderSource:
-    """``root`` is an ImageFolder (class subfolders); ``root/train`` + ``root/val`` are used if present."""
+    """``root`` is an ImageFolder (class subfolders); ``root/train`` + ``root/val`` are used if present.
+
+    ``local_crops`` > 0 (multi-crop) adds that many ``local_size`` crops of area ``local_scale`` per image."""
     from torchvision.datasets import ImageFolder
 
     from .augment import torchvision_eval, torchvision_views
@@ -316,10 +354,29 @@ def image_folder_source(
         size,
         workers,
         name=f"folder:{root}",
+        local_transform=_local_views(version, local_size, local_scale, blur_prob) if local_crops else None,
+        num_local=local_crops,
     )
 
 
-def cifar10_source(root: str, *, version: str, crop_min: float, blur_prob: float, workers: int) -> FolderSource:
+def _local_views(version: str, size: int, scale: tuple[float, float], blur_prob: float, *norm):
+    """Multi-crop's low-resolution crops: the same pipeline at ``size`` px with the crop area in ``scale``."""
+    from .augment import torchvision_views
+
+    return torchvision_views(version, size, scale[0], blur_prob, *norm, crop_max=scale[1])
+
+
+def cifar10_source(
+    root: str,
+    *,
+    version: str,
+    crop_min: float,
+    blur_prob: float,
+    workers: int,
+    local_crops: int = 0,
+    local_size: int = 16,
+    local_scale: tuple[float, float] = (0.1, 0.5),
+) -> FolderSource:
     """A local torchvision CIFAR-10 folder (``root/cifar-10-batches-py``); never downloads."""
     from torchvision.datasets import CIFAR10
 
@@ -345,4 +402,8 @@ def cifar10_source(root: str, *, version: str, crop_min: float, blur_prob: float
         32,
         workers,
         name="cifar10",
+        local_transform=_local_views(version, local_size, local_scale, blur_prob, CIFAR_MEAN, CIFAR_STD)
+        if local_crops
+        else None,
+        num_local=local_crops,
     )

@@ -7,6 +7,7 @@ default: :class:`moco_fast.MoCo` = MoCoHead + MomentumEncoder + KeyQueue).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -97,10 +98,20 @@ def build_source(cfg: TrainConfig):
         )
         if not 0 < cfg.held_out < 5000:
             raise ConfigError(f"held_out must be in (0, 5000) for MNIST-5k, got {cfg.held_out}")
-        return mnist5k_source(cfg.held_out, SPLIT_SEED, aug, limit_train=cfg.limit_train)
+        local = dataclasses.replace(aug, size=local_size(cfg, 28), crop_scale=(cfg.local_crop_min, cfg.local_crop_max))
+        return mnist5k_source(
+            cfg.held_out, SPLIT_SEED, aug, limit_train=cfg.limit_train, local_augment=local, num_local=cfg.local_crops
+        )
+    multicrop = dict(local_crops=cfg.local_crops, local_scale=(cfg.local_crop_min, cfg.local_crop_max))
     if kind == "cifar10":
         return cifar10_source(
-            cfg.cifar10, version=cfg.aug, crop_min=cfg.crop_min, blur_prob=cfg.blur_prob, workers=cfg.workers
+            cfg.cifar10,
+            version=cfg.aug,
+            crop_min=cfg.crop_min,
+            blur_prob=cfg.blur_prob,
+            workers=cfg.workers,
+            local_size=local_size(cfg, 32),
+            **multicrop,
         )
     size = 224 if cfg.model == "resnet50" else 32 if cfg.model == "resnet18" else 28
     return image_folder_source(
@@ -112,7 +123,14 @@ def build_source(cfg: TrainConfig):
         held_out_fraction=cfg.held_out_fraction,
         seed=SPLIT_SEED,
         workers=cfg.workers,
+        local_size=local_size(cfg, size),
+        **multicrop,
     )
+
+
+def local_size(cfg: TrainConfig, size: int) -> int:
+    """Multi-crop: the side of the local crops (--local-size, or 3/7 of the global side: 96 for 224)."""
+    return cfg.local_size or max(8, round(size * 3 / 7))
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):

@@ -47,6 +47,10 @@ def _registry() -> dict[str, Method]:
     from . import instdisc, mocov3, simclr
 
     methods += [simclr.METHOD, mocov3.METHOD, instdisc.METHOD]
+    # --- BYOL / SwAV / DINO
+    from . import byol, dino, swav
+
+    methods += [byol.METHOD, swav.METHOD, dino.METHOD]
     return {m.name: m for m in methods}
 
 

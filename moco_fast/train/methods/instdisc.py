@@ -29,7 +29,7 @@ class InstDiscModel(nn.Module):
 
 
 def build(cfg: TrainConfig, in_channels: int, total_steps: int, *, num_samples: int) -> InstDiscModel:
-    head_dims = [cfg.mlp_hidden or 512, cfg.dim] if cfg.mlp else None
+    head_dims = [cfg.hidden_dim or 512, cfg.dim] if cfg.mlp else None
     encoder = encoder_with_head(cfg, in_channels, head_dims, bn=cfg.mlp_bn)
     head = MemoryBankHead(
         num_samples,

@@ -47,7 +47,7 @@ class MoCoV3Model(nn.Module):
 
 
 def build(cfg: TrainConfig, in_channels: int, total_steps: int) -> MoCoV3Model:
-    hidden = cfg.mlp_hidden or 512
+    hidden = cfg.hidden_dim or 512
     encoder = encoder_with_head(cfg, in_channels, [hidden, cfg.dim], bn=True, last_bn=True)
     predictor = mlp([cfg.dim, hidden, cfg.dim], bn=True, last_bn=False)
     momentum_encoder = MomentumEncoder(

@@ -34,7 +34,7 @@ class SimCLRModel(nn.Module):
 
 def build(cfg: TrainConfig, in_channels: int, total_steps: int) -> SimCLRModel:
     probe = encoder_with_head(cfg, in_channels, None)
-    hidden = cfg.mlp_hidden or probe.fc.in_features
+    hidden = cfg.hidden_dim or probe.fc.in_features
     head = [hidden, cfg.dim] if cfg.mlp else None
     return SimCLRModel(encoder_with_head(cfg, in_channels, head, bn=cfg.mlp_bn), cfg.temperature, cfg.backend)
 
