@@ -12,7 +12,8 @@ from conftest import train_dependency
 for _name in ("torchvision", "mlxtend", "matplotlib", "tqdm"):
     train_dependency(_name)
 
-from test_train import TINY, _assert_same_run, _final_state, _free_port  # noqa: E402
+from conftest import free_port  # noqa: E402
+from test_train import TINY, _assert_same_run, _final_state  # noqa: E402
 
 from moco_fast.train import PRESETS, ConfigError, resolve, train  # noqa: E402
 from moco_fast.train.augment import AugmentConfig  # noqa: E402
@@ -123,7 +124,7 @@ def test_dino_two_processes_share_the_center(tmp_path):
     import torch.multiprocessing as mp
 
     overrides = {**FAMILY, "method": "dino", "out": str(tmp_path / "ddp"), "batch_size": 8, "max_steps": 3, "epochs": 1}
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), overrides), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), overrides), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert torch.equal(r0["center"], r1["center"]) and r0["center"].abs().sum() > 0  # all-reduced
     for a, b in zip(r0["params"], r1["params"]):
