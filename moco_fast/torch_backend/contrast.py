@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..validation import compute_dtype
-from .infonce import merge_positive, fused_attention
+from .infonce import fused_attention, merge_positive
 
 # Elements of one score tile (rows × keys): 2**20 fp32 = 4 MiB.
 _TILE_ELEMENTS = 1 << 20
