@@ -11,8 +11,8 @@ keeps the running max, sum and rescaled Σ_j p_ij·k_j, so the M×N logits never
 O(tile + M·d)). As InfoNCE's, the sweep holds the keys other than the target and the target's logit
 joins at the end (docs/design.md "Numerics"): loss_i = (m − pos) + log1p(l_other + expm1(pos − m)) and
 O_i − k_{t_i} = (Σ_{j≠t} w_j·(k_j − k_{t_i})) / (w0 + l_other), exact when the loss → 0. It returns
-dloss_dq_i = s·(O_i − k_{t_i}) with O_i = Σ_j P_ij k_j, which is the whole gradient of the queries: the backward of q is elementwise and never reads the keys again. When the
-keys need a gradient (NT-Xent, CMC), dk_j = s·Σ_i g_i (P_ij − [j = t_i])·q_i is a column pass that
+dloss_dq_i = s·(O_i − k_{t_i}) with O_i = Σ_j P_ij k_j, which is the whole gradient of the queries:
+the backward of q is elementwise and never reads the keys again. When the keys need a gradient (NT-Xent, CMC), dk_j = s·Σ_i g_i (P_ij − [j = t_i])·q_i is a column pass that
 recomputes P block by block from the saved lse. The excluded column and the target indicator are
 applied per tile by an O(rows) gather/scatter, never by a materialized mask.
 
