@@ -13,8 +13,9 @@ joins at the end (docs/design.md "Numerics"): loss_i = (m − pos) + log1p(l_oth
 O_i − k_{t_i} = (Σ_{j≠t} w_j·(k_j − k_{t_i})) / (w0 + l_other), exact when the loss → 0. It returns
 dloss_dq_i = s·(O_i − k_{t_i}) with O_i = Σ_j P_ij k_j, which is the whole gradient of the queries:
 the backward of q is elementwise and never reads the keys again. When the keys need a gradient
-(NT-Xent, CMC), dk_j = s·Σ_i g_i (P_ij − [j = t_i])·q_i is a column pass that recomputes P block by block from the saved lse. The excluded column and the target indicator are
-applied per tile by an O(rows) gather/scatter, never by a materialized mask.
+(NT-Xent, CMC), dk_j = s·Σ_i g_i (P_ij − [j = t_i])·q_i is a column pass that recomputes P block by
+block from the saved lse. The excluded column and the target indicator are applied per tile by an
+O(rows) gather/scatter, never by a materialized mask.
 
 All arithmetic is fp32 whatever the input dtypes (one key tile upcast at a time), fp64 for fp64.
 """
