@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 # --- NT-Xent / MoCo v3 / CMC / memory bank: the contrastive cross-entropy core and the memory-bank update
-# (kernels and launchers together: contrast_fwd.py + contrast_combine.py, contrast_bwd.py, memory_bank.py)
+# (kernels + launchers: contrast_fwd.py (splits merged by infonce_combine.py), contrast_bwd.py, memory_bank.py)
 if AVAILABLE:
     from .contrast_bwd import contrast_backward_keys
     from .contrast_fwd import contrast_forward

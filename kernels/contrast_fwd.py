@@ -1,4 +1,4 @@
-"""Contrastive cross-entropy forward, stage 1: one sweep of query rows over a chunk of the keys.
+"""Contrastive cross-entropy forward: one sweep of query rows over a chunk of the keys.
 
 The op (moco_fast.backends, "contrast"): queries q (M, d), keys (N, d), per-row target column t_i and
 optional excluded column e_i; loss_i = lse_{j != e_i}(s*q_i.k_j) - s*q_i.k_{t_i}. NT-Xent (keys = q,
@@ -6,23 +6,28 @@ e = self), MoCo v3 (keys = gathered momentum keys), CMC (keys = another view) an
 exact softmax (keys = the bank) are all this kernel.
 
 Program (pid_m, pid_s) owns query rows [pid_m*BLOCK_M, +BLOCK_M) and keys
-[pid_s*keys_per_split, +keys_per_split) (a multiple of BLOCK_N). Per row, in fp32 and the log2 domain:
+[pid_s*keys_per_split, +keys_per_split) (a multiple of BLOCK_N). As InfoNCE's sweep holds the negatives
+and not the positive, this one holds the keys other than the target (the target column and the
+excluded one are masked to -inf per tile); per row, in fp32 and the log2 domain:
 
-    m    running max of  c*q.k_j   over valid j (j < N, j != e_i)   (c = scale*log2(e))
+    m    running max of  c*q.k_j   over j < N, j != t_i, j != e_i   (c = scale*log2(e))
     l    running sum of  exp2(c*q.k_j - m)
     acc  running sum of  exp2(c*q.k_j - m) * k_j                    (flash attention with V = K)
-    rank #{valid j != t_i : q.k_j > q.k_{t_i}}
+    rank #{those j : q.k_j > q.k_{t_i}}
 
-The target's logit pos_i = q_i.k_{t_i} is computed in plain fp32 from the gathered target row. A
-split whose keys are all excluded for a row keeps m = -inf: exp2 is then taken against 0, not -inf.
+The target's logit pos_i = q_i.k_{t_i} is computed in plain fp32 from the gathered target row and joins
+at the end through infonce_combine._merge_positive (loss = ln2*(m - pos2) + log1p(...), delta = O - k_t
+= a*acc + b*k_t, exact when the loss -> 0; docs/design.md "Numerics"). A split with no key for a row
+keeps m = -inf: exp2 is then taken against 0, not -inf.
 
 Shapes / dtypes (row-major, contiguous, row stride d):
     q (M, d), keys (N, d)   fp32 | bf16 | fp16
     target (M,) int64 in [0, N); exclude (M,) int64 in [-1, N) (HAS_EXCL; -1 = none)
     split outputs (FINALIZE=False): m_part, l_part (S, M) fp32; o_part (S, M, d) fp32 (unnormalized
-        acc); r_part (S, M) int32; pos (M,) fp32 (unscaled, written by split 0)
+        acc); r_part (S, M) int32; pos (M,) fp32 (unscaled, written by split 0) — InfoNCE's partials,
+        merged by infonce_combine_kernel against the gathered target rows
     final outputs (FINALIZE=True, a single split): loss (M,), lse (M,) natural log, dloss_dq (M, d)
-        = scale*(acc/l - k_t), rank (M,) int64 (written through m/l/o/r/pos pointer slots, see launcher)
+        = scale*(O - k_t), rank (M,) int64 (written through m/l/o/r pointer slots, see launcher)
 
 Dot dtype rules are infonce_fwd.py's (equal half types on tensor cores, any mix promoted to fp32,
 PRECISION for fp32 dots, EMULATE in the interpreter).
@@ -34,15 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
-from moco_fast.numerics import LN2 as _LN2
 from moco_fast.numerics import LOG2E as _LOG2E
 
 from . import heuristics as H
-from .contrast_combine import contrast_combine_kernel
+from .infonce_combine import _merge_positive, infonce_combine_kernel
 from .infonce_fwd import _dot
 from .runtime import INTERPRETED, device_guard, device_info, dot_setup
-
-LN2: tl.constexpr = tl.constexpr(_LN2)
 
 
 @triton.jit
@@ -102,12 +104,11 @@ def contrast_fwd_kernel(
         k_mask = key_ok[:, None] & col_ok[None, :]
         kb = tl.load(k_ptr + key.to(tl.int64)[:, None] * d + cols[None, :], mask=k_mask, other=0.0)
         s = _dot(q, tl.trans(kb), DOT_DTYPE, PRECISION, EMULATE)  # (BLOCK_M, BLOCK_N) fp32, unscaled
-        valid = key_ok[None, :]
+        valid = key_ok[None, :] & (key[None, :] != tgt[:, None])  # the target joins at the end
         if HAS_EXCL:
             valid = valid & (key[None, :] != exc[:, None])
         s = tl.where(valid, s, float("-inf"))
-        beats = (s > pos[:, None]) & (key[None, :] != tgt[:, None])
-        rank += tl.sum(beats.to(tl.int32), axis=1)
+        rank += tl.sum((s > pos[:, None]).to(tl.int32), axis=1)
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys so far excluded: exp2(-inf) = 0
         p = tl.exp2(s * qk_scale - m_ref[:, None])
@@ -117,12 +118,13 @@ def contrast_fwd_kernel(
         m_i = m_new
 
     if FINALIZE:
-        lse = (m_i + tl.log2(l_i)) * LN2
+        loss, lse, a, b = _merge_positive(pos, pos * qk_scale, m_i, l_i, scale)
+        acc = acc * (a * scale)[:, None]
         kt = tl.load(k_ptr + t_off, mask=qmask, other=0.0).to(tl.float32)  # reloaded: not live in the loop
-        out = (acc / l_i[:, None] - kt) * scale
-        tl.store(o_ptr + rc_off, out, mask=qmask)
+        acc += kt * (b * scale)[:, None]
+        tl.store(o_ptr + rc_off, acc, mask=qmask)
         tl.store(l_ptr + rows, lse, mask=row_ok)
-        tl.store(m_ptr + rows, lse - pos * scale, mask=row_ok)
+        tl.store(m_ptr + rows, loss, mask=row_ok)
         tl.store(r_ptr + rows, rank.to(tl.int64), mask=row_ok)
     else:
         part = pid_s.to(tl.int64) * M
@@ -137,10 +139,6 @@ def contrast_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launcher (the "triton" backend's contrast_forward; see moco_fast/backends.py)
 # --------------------------------------------------------------------------------------------
-
-
-#: warps of the combine kernel: 8, since its 32-row, 2-split tile spills at 4 warps under triton 3.6
-COMBINE_WARPS = 8
 
 
 def sweep_config(dp: int, dot_name: str, cc: tuple[int, int], interpret: bool, precision: str) -> H.TileConfig:
@@ -242,15 +240,16 @@ def contrast_forward(q, keys, target, exclude, scale, need_rank=True, *, num_spl
             FINALIZE=False,
             **meta,
         )
+        # InfoNCE's combine merges the partials against the target rows (O(M·d), gathered once): delta = O - k_t
+        k_target = keys.index_select(0, target)
         bmc = H.combine_block_m(M, num_sms, dp)
-        contrast_combine_kernel[(H.cdiv(M, bmc),)](
+        infonce_combine_kernel[(H.cdiv(M, bmc),)](
             m_part,
             l_part,
             o_part,
             r_part,
             pos,
-            keys,
-            target,
+            k_target,
             loss,
             lse,
             out,
@@ -259,9 +258,10 @@ def contrast_forward(q, keys, target, exclude, scale, need_rank=True, *, num_spl
             d,
             splits,
             float(scale),
+            qk_scale,
             BLOCK_M=bmc,
             BLOCK_S=H.combine_block_s(bmc, dp),
             D_PAD=dp,
-            num_warps=COMBINE_WARPS,
+            num_warps=4,
         )
-    return loss, lse, out, rank
+    return loss, lse, out.mul_(scale), rank

@@ -286,6 +286,114 @@ def test_key_gradient_is_accurate_when_the_loss_is_tiny(name):
 
 
 # ------------------------------------------------------------------------------------------------
+# the contrastive core (nt_xent, mocov3_loss, cmc_loss, the memory bank's exact softmax): the same cases,
+# with the positives among the keys (keys = [k; n], row i's target column i) and, with ``exclude``, one
+# other positive column removed per row (NT-Xent's self-similarity mask)
+# ------------------------------------------------------------------------------------------------
+
+EXCLUDE = (False, True)
+
+
+def contrast_case(temperature: float, num_keys: int, queue: str, exclude: bool):
+    """(q, keys (B + K, d) in the queue dtype, target (B,), exclude (B,) or None, g (B,)) from case():
+    the losses still span 1e-8 .. 10, the other rows' positives now being negatives too."""
+    q, k, n, g = case(temperature, num_keys, queue)
+    keys = torch.cat([k.to(n.dtype), n])
+    target = torch.arange(ROWS)
+    return q, keys, target, (target + 1) % ROWS if exclude else None, g
+
+
+@functools.lru_cache(maxsize=64)
+def contrast_oracle(temperature: float, num_keys: int, queue: str, exclude: bool):
+    """float64 (loss (B,), dq (B, d)): loss_i = lse_{j != e_i}(q_i·keys_j/T) − q_i·keys_{t_i}/T."""
+    q, keys, target, excl, g = contrast_case(temperature, num_keys, queue, exclude)
+    q64 = q.double().requires_grad_()
+    logits = q64 @ keys.double().T / temperature
+    if excl is not None:
+        logits = logits.index_put((torch.arange(ROWS), excl), torch.tensor(float("-inf"), dtype=torch.float64))
+    loss = torch.logsumexp(logits, 1) - logits.gather(1, target[:, None]).squeeze(1)
+    (dq,) = torch.autograd.grad((loss * g.double()).sum(), q64)
+    return loss.detach(), dq
+
+
+def _contrast_contract(module: str, device, **forward_kwargs):
+    """(q, keys, target, exclude, g, T) -> (loss, dq) on the CPU from backend ``module``'s contrast_forward."""
+
+    def run(q, keys, target, excl, g, temperature):
+        dev = device()
+        q, keys, target, g = _on(dev, q, keys, target, g)
+        excl = None if excl is None else excl.to(dev)
+        backend = importlib.import_module(module)
+        loss, _, dloss_dq, _ = backend.contrast_forward(q, keys, target, excl, 1.0 / temperature, **forward_kwargs)
+        return _on("cpu", loss, g[:, None] * dloss_dq)
+
+    return run
+
+
+def _official_contrast(q, keys, target, excl, g, temperature):
+    """The official formulation: materialized logits, the excluded column at -inf, cross_entropy."""
+    from moco_fast.reference import reference_contrastive_cross_entropy
+
+    qq = q.clone().requires_grad_()
+    loss, _, _ = reference_contrastive_cross_entropy(qq, keys, target, temperature, excl, reduction="none")
+    (dq,) = torch.autograd.grad((loss * g).sum(), qq)
+    return loss, dq
+
+
+CONTRAST_IMPLEMENTATIONS = {
+    "torch (blockwise)": lambda: _contrast_contract("moco_fast.torch_backend", lambda: "cpu", need_rank=True),
+    "torch (fused CPU attention)": lambda: _contrast_contract(
+        "moco_fast.torch_backend", lambda: "cpu", need_rank=False
+    ),
+    "triton (fused)": lambda: _contrast_contract("moco_fast.kernels", _triton_device, num_splits=1, fuse=True),
+    "triton (1 split + combine)": lambda: _contrast_contract(
+        "moco_fast.kernels", _triton_device, num_splits=1, fuse=False
+    ),
+    "triton (7 splits + combine)": lambda: _contrast_contract(
+        "moco_fast.kernels", _triton_device, num_splits=7, config=_small_tiles()
+    ),
+}
+CONTRAST_BASELINES = {"official (autograd)": lambda: _official_contrast}
+
+
+def contrast_grid_errors(name: str, queue: str, exclude: bool, min_loss: float = 0.0) -> tuple[float, float]:
+    """Worst (loss, dq) per-row relative error of contrast implementation ``name`` over GRID."""
+    impl = (CONTRAST_IMPLEMENTATIONS | CONTRAST_BASELINES)[name]()
+    worst = [0.0, 0.0]
+    for temperature, num_keys in GRID:
+        ref_loss, ref_dq = contrast_oracle(temperature, num_keys, queue, exclude)
+        loss, dq = (
+            t.detach().double() for t in impl(*contrast_case(temperature, num_keys, queue, exclude), temperature)
+        )
+        assert torch.isfinite(loss).all() and torch.isfinite(dq).all(), name
+        rows = ref_loss >= min_loss
+        errs = ((loss - ref_loss).abs() / ref_loss.abs(), (dq - ref_dq).norm(dim=1) / ref_dq.norm(dim=1))
+        worst = [max(w, e[rows].max().item()) for w, e in zip(worst, errs)]
+    return tuple(worst)
+
+
+def test_the_contrast_grid_spans_tiny_and_large_losses():
+    for temperature, num_keys in GRID:
+        for exclude in EXCLUDE:
+            loss, _ = contrast_oracle(temperature, num_keys, "fp32", exclude)
+            assert loss.min() < 1e-6 and loss.max() > 5, (temperature, num_keys, exclude)
+
+
+@pytest.mark.parametrize("exclude", EXCLUDE, ids=["no exclusion", "exclusion"])
+@pytest.mark.parametrize("queue", list(QUEUES))
+@pytest.mark.parametrize("name", list(CONTRAST_IMPLEMENTATIONS))
+def test_contrast_loss_and_dq_within_tolerance_at_any_loss_size(name, queue, exclude):
+    _needs(name)
+    loss_err, dq_err = contrast_grid_errors(name, queue, exclude)
+    assert loss_err <= TOL and dq_err <= TOL, f"{name}, {queue}: loss {loss_err:.2e}, dq {dq_err:.2e}"
+
+
+def test_contrast_official_formulation_cancels_on_the_same_grid():
+    official = contrast_grid_errors("official (autograd)", "fp32", False)
+    assert official[0] > 1e-4, f"the grid shows no cancellation: {official}"
+
+
+# ------------------------------------------------------------------------------------------------
 # the table
 # ------------------------------------------------------------------------------------------------
 
@@ -307,6 +415,23 @@ def main() -> None:
                     cells.append(f"{loss_err:9.1e} | {dq_err:8.1e}")
                 except Exception as err:  # noqa: BLE001 - a backend that cannot run here
                     cells.append(f"{type(err).__name__:>20s}")
+            print(f"{name:30s}" + "".join(f"{c:>24s}" for c in cells))
+    print("\nthe contrastive core (nt_xent, mocov3_loss, cmc_loss, memory bank): keys = [k; n], target i,")
+    print("fp32 q, keys in the queue dtype; 'excl' removes one other column per row (NT-Xent's mask)")
+    for min_loss in (0.0, 1e-4):
+        print(f"\nrows with loss >= {min_loss:g}:")
+        print(
+            f"{'implementation':30s}" + "".join(f"{q + (' excl' if e else ''):>24s}" for q in QUEUES for e in EXCLUDE)
+        )
+        for name in list(CONTRAST_IMPLEMENTATIONS) + list(CONTRAST_BASELINES):
+            cells = []
+            for queue in QUEUES:
+                for exclude in EXCLUDE:
+                    try:
+                        loss_err, dq_err = contrast_grid_errors(name, queue, exclude, min_loss)
+                        cells.append(f"{loss_err:9.1e} | {dq_err:8.1e}")
+                    except Exception as err:  # noqa: BLE001 - a backend that cannot run here
+                        cells.append(f"{type(err).__name__:>20s}")
             print(f"{name:30s}" + "".join(f"{c:>24s}" for c in cells))
 
 

@@ -8,11 +8,14 @@ target column t_i and an optional excluded column e_i (NT-Xent's self-similarity
 
 The forward is a flash-attention forward with V = K: per tile of query rows, a sweep over key tiles
 keeps the running max, sum and rescaled Σ_j p_ij·k_j, so the M×N logits never exist (extra memory
-O(tile + M·d)). It returns dloss_dq_i = s·(O_i − k_{t_i}) with O_i = Σ_j P_ij k_j, which is the whole
-gradient of the queries: the backward of q is elementwise and never reads the keys again. When the
-keys need a gradient (NT-Xent, CMC), dk_j = s·Σ_i g_i (P_ij − [j = t_i])·q_i is a column pass that
-recomputes P block by block from the saved lse. The excluded column and the target indicator are
-applied per tile by an O(rows) gather/scatter, never by a materialized mask.
+O(tile + M·d)). As InfoNCE's, the sweep holds the keys other than the target and the target's logit
+joins at the end (docs/design.md "Numerics"): loss_i = (m − pos) + log1p(l_other + expm1(pos − m)) and
+O_i − k_{t_i} = (Σ_{j≠t} w_j·(k_j − k_{t_i})) / (w0 + l_other), exact when the loss → 0. It returns
+dloss_dq_i = s·(O_i − k_{t_i}) with O_i = Σ_j P_ij k_j, which is the whole gradient of the queries:
+the backward of q is elementwise and never reads the keys again. When the keys need a gradient
+(NT-Xent, CMC), dk_j = s·Σ_i g_i (P_ij − [j = t_i])·q_i is a column pass that recomputes P block by
+block from the saved lse. The excluded column and the target indicator are applied per tile by an
+O(rows) gather/scatter, never by a materialized mask.
 
 All arithmetic is fp32 whatever the input dtypes (one key tile upcast at a time), fp64 for fp64.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..validation import compute_dtype
-from .infonce import fused_attention
+from .infonce import fused_attention, merge_positive
 
 # Elements of one score tile (rows × keys): 2**20 fp32 = 4 MiB.
 _TILE_ELEMENTS = 1 << 20
@@ -62,15 +65,42 @@ def contrast_forward(
 
     rank_i = #{j ∉ {t_i, e_i} : q_i·k_j > q_i·k_{t_i}}; with ``need_rank=False`` it is -1s. Without an
     excluded column and without the rank, CPU fp32 inputs go through PyTorch's fused CPU attention
-    kernel (faster here; infonce.fused_attention) when it runs.
+    kernel (faster here; infonce.fused_attention) when it runs, and the rows whose loss it cannot give
+    exactly go through the blockwise loop again (see _fused_forward).
     """
     if exclude is None and not need_rank and block is None:
-        fused = fused_attention(q, keys, scale)
+        fused = _fused_forward(q, keys, target, scale)
         if fused is not None:
-            out, lse = fused
-            k_target = keys.index_select(0, target)
-            pos = (q * scale * k_target).sum(dim=1)
-            return lse - pos, lse, (out - k_target) * scale, torch.full_like(target, -1)
+            return fused
+    return _blockwise_forward(q, keys, target, exclude, scale, need_rank, block)
+
+
+# The fused kernel's loss is lse − pos over every key, target included: its rounding is a few ulps of
+# |lse| + |pos|, which is within 1e-6 of the loss only while loss >= _CANCELLATION·(|lse| + |pos|); the
+# other rows (the target dominates: loss → 0) are recomputed with the target kept apart.
+_CANCELLATION = 0.1
+
+
+def _fused_forward(q, keys, target, scale):
+    fused = fused_attention(q, keys, scale)
+    if fused is None:
+        return None
+    out, lse = fused
+    k_target = keys.index_select(0, target)
+    pos = (q * scale * k_target).sum(dim=1)
+    loss = lse - pos
+    dloss_dq = out.sub_(k_target).mul_(scale)
+    redo = torch.nonzero(loss < _CANCELLATION * (lse.abs() + pos.abs())).squeeze(1)  # CPU only: no sync cost
+    if redo.numel():
+        loss_r, lse_r, dq_r, _ = _blockwise_forward(q[redo], keys, target[redo], None, scale, False, None)
+        loss[redo], lse[redo], dloss_dq[redo] = loss_r, lse_r, dq_r
+    return loss, lse, dloss_dq, torch.full_like(target, -1)
+
+
+def _blockwise_forward(q, keys, target, exclude, scale, need_rank, block):
+    """The flash loop with the target column kept apart: the sweep holds the other keys only (the target
+    and the excluded column masked to -inf per tile) and the target's logit joins at the end through
+    infonce.merge_positive, so a loss → 0 is never a difference of two nearly equal numbers."""
     ct = compute_dtype(q, keys)
     rows, dim = q.shape
     num_keys = keys.shape[0]
@@ -78,15 +108,15 @@ def contrast_forward(
     qs = q.to(ct) * scale  # fold 1/T into q once: logits = qs · k
     k_target = keys.index_select(0, target).to(ct)
     pos = (qs * k_target).sum(dim=1)  # the target's logit, in plain fp32
-    lse = torch.empty(rows, dtype=ct, device=q.device)
+    loss = torch.empty(rows, dtype=ct, device=q.device)
     dloss_dq = torch.empty(rows, dim, dtype=ct, device=q.device)
     rank = torch.full((rows,), -1, dtype=torch.int64, device=q.device)
     for r0 in range(0, rows, block_m):
         r1 = min(r0 + block_m, rows)
         qb, pb, tb = qs[r0:r1], pos[r0:r1], target[r0:r1]
         eb = None if exclude is None else exclude[r0:r1]
-        row_max = torch.full((r1 - r0,), float("-inf"), dtype=ct, device=q.device)
-        row_sum = torch.zeros(r1 - r0, dtype=ct, device=q.device)
+        row_max = pb.clone()  # the target's logit is in the max from the start: every exp(s − m) <= 1
+        row_sum = torch.zeros(r1 - r0, dtype=ct, device=q.device)  # the other keys' part only
         acc = torch.zeros(r1 - r0, dim, dtype=ct, device=q.device)
         beats = torch.zeros(r1 - r0, dtype=torch.int64, device=q.device) if need_rank else None
         tile = torch.empty(r1 - r0, min(block_n, num_keys), dtype=ct, device=q.device)
@@ -95,25 +125,23 @@ def contrast_forward(
             width = kb.shape[0]
             scores = tile[:, :width]
             torch.mm(qb, kb.T, out=scores)
+            _set_where(scores, *_columns(tb, c0, width), float("-inf"))
             if eb is not None:
                 _set_where(scores, *_columns(eb, c0, width), float("-inf"))
             if beats is not None:
                 beats += (scores > pb[:, None]).sum(dim=1)
-                tcol, tin = _columns(tb, c0, width)  # the target column never counts against itself
-                beats -= (tin & (scores.gather(1, tcol) > pb[:, None])).squeeze(1).to(torch.int64)
             new_max = torch.maximum(row_max, scores.amax(dim=1))
-            # A tile whose only keys are excluded leaves the max at -inf: keep exp's argument finite.
-            safe = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-            correction = torch.exp(row_max - safe)
-            probs = scores.sub_(safe[:, None]).exp_()  # in place: the scores are not needed any more
+            correction = torch.exp(row_max - new_max)
+            probs = scores.sub_(new_max[:, None]).exp_()  # in place: the scores are not needed any more
             row_sum.mul_(correction).add_(probs.sum(dim=1))
             acc.mul_(correction[:, None]).addmm_(probs, kb)
             row_max = new_max
-        lse[r0:r1] = row_max + torch.log(row_sum)
-        dloss_dq[r0:r1] = (acc / row_sum[:, None] - k_target[r0:r1]) * scale
+        loss_b, delta = merge_positive(pb, row_max, row_sum, acc, k_target[r0:r1])
+        loss[r0:r1] = loss_b
+        dloss_dq[r0:r1] = delta.mul_(scale)
         if beats is not None:
             rank[r0:r1] = beats
-    return lse - pos, lse, dloss_dq, rank
+    return loss, pos + loss, dloss_dq, rank
 
 
 def contrast_backward_keys(

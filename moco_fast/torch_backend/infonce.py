@@ -76,13 +76,13 @@ def infonce_forward(
         row_sum.mul_(correction).add_(probs.sum(dim=1))
         acc.mul_(correction[:, None]).addmm_(probs, keys)
         row_max = new_max
-    loss, delta = _merge_positive(pos, row_max, row_sum, acc, kf)
+    loss, delta = merge_positive(pos, row_max, row_sum, acc, kf)
     if not need_rank:
         rank.fill_(-1)
     return loss, pos + loss, delta, rank
 
 
-def _merge_positive(pos, row_max, neg_sum, neg_acc, kf):
+def merge_positive(pos, row_max, neg_sum, neg_acc, kf):
     """(loss, delta) of rows whose max ``row_max`` >= pos, from the negatives' sum and weighted sum
     relative to it; the positive enters only through w0 = exp(pos − m), never as a difference."""
     below = pos - row_max  # <= 0; exactly 0 when the positive is the max

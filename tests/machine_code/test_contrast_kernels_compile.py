@@ -31,7 +31,7 @@ def specs() -> list[dict]:
     """(kernel, argument types, constexprs, warps, stages) for the sm_90 configs the launchers pick."""
     from moco_fast.kernels import heuristics as H
     from moco_fast.kernels.contrast_bwd import keys_config
-    from moco_fast.kernels.contrast_fwd import COMBINE_WARPS, sweep_config
+    from moco_fast.kernels.contrast_fwd import sweep_config
 
     out = []
     # d = 128 in every dot mode, d = 256 (the largest D_PAD) in bf16 and tf32. (d = 256 IEEE fp32 and the
@@ -120,11 +120,13 @@ def specs() -> list[dict]:
         )
         if d != 128 or dt != "bfloat16":
             continue  # the combine and the bank update have no dots: one build each
-        bm = H.combine_block_m(1 << 20, 1, dp)  # the largest row block the launcher picks
+        # The splits merge in InfoNCE's combine kernel (built for InfoNCE's plans by test_triton_offline_compile):
+        # here at the 32-row block that only the contrast's many rows (2N = 16384 on 132 SMs) reach.
+        bm = H.combine_block_m(1 << 20, 1, dp)
         out.append(
             dict(
                 name=f"contrast_combine_d{d}_{dt}",
-                kernel="contrast_combine_kernel",
+                kernel="infonce_combine_kernel",
                 types=dict(
                     m_ptr="*fp32",
                     l_ptr="*fp32",
@@ -132,18 +134,18 @@ def specs() -> list[dict]:
                     r_ptr="*i32",
                     pos_ptr="*fp32",
                     k_ptr="*" + TL[dt],
-                    t_ptr="*i64",
                     loss_ptr="*fp32",
                     lse_ptr="*fp32",
-                    out_ptr="*fp32",
+                    delta_ptr="*fp32",
                     rank_ptr="*i64",
-                    M="i32",
+                    B="i32",
                     d="i32",
                     num_splits="i32",
                     scale="fp32",
+                    qk_scale="fp32",
                 ),
                 consts=dict(BLOCK_M=bm, BLOCK_S=H.combine_block_s(bm, dp), D_PAD=dp),
-                warps=COMBINE_WARPS,
+                warps=4,
                 stages=3,
                 tensor_cores=False,
             )
@@ -181,13 +183,13 @@ def _worker(out_path: str, shard: int = 0, num_shards: int = 1) -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     import triton
     import triton.language as tl
-    from moco_fast.kernels import contrast_bwd, contrast_combine, contrast_fwd, memory_bank
+    from moco_fast.kernels import contrast_bwd, contrast_fwd, infonce_combine, memory_bank
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     kernels = {
         n: getattr(m, n)
-        for m in (contrast_bwd, contrast_combine, contrast_fwd, memory_bank)
+        for m in (contrast_bwd, contrast_fwd, infonce_combine, memory_bank)
         for n in dir(m)
         if n.endswith("_kernel")
     }

@@ -30,6 +30,8 @@ class Mutant:
 INFO = "tests/test_info_nce.py"
 MOM = "tests/test_momentum.py"
 QUEUE = "tests/test_queue.py"
+CONTRAST = "tests/test_contrast.py"
+BANK = "tests/test_memory_bank.py"
 
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- issue 14: the five survivors
@@ -332,8 +334,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "ddp-gather-reversed",
         "moco_fast/distributed.py",
-        "return torch.cat(gathered, dim=0)",
-        "return torch.cat(gathered[::-1], dim=0)",
+        "    dist.all_gather(gathered, tensor)\n    return torch.cat(gathered, dim=0)",
+        "    dist.all_gather(gathered, tensor)\n    return torch.cat(gathered[::-1], dim=0)",
         ("tests/test_distributed.py",),
     ),
     # ---------------------------------------------------------------- MoCo builder
@@ -380,5 +382,124 @@ MUTANTS: list[Mutant] = [
         "        numerics.fp32_matmul_precision(),",
         '        "ieee",',
         ("tests/test_cuda_ext.py", "-k", "precision"),
+    ),
+    # ---------------------------------------------------------------- the contrastive core and its losses
+    Mutant(
+        "torch-contrast-target-in-the-sweep",
+        "moco_fast/torch_backend/contrast.py",
+        '            _set_where(scores, *_columns(tb, c0, width), float("-inf"))\n',
+        "",
+        (CONTRAST, "-k", "core_matches_float64 and torch"),
+        "the target would be counted twice (in the sweep and merged at the end)",
+    ),
+    Mutant(
+        "torch-contrast-exclusion-ignored",
+        "moco_fast/torch_backend/contrast.py",
+        '                _set_where(scores, *_columns(eb, c0, width), float("-inf"))',
+        "                pass",
+        (CONTRAST, "-k", "nt_xent_matches_float64"),
+    ),
+    Mutant(
+        "torch-contrast-fused-path-keeps-cancelling-rows",
+        "moco_fast/torch_backend/contrast.py",
+        "    if redo.numel():",
+        "    if False:",
+        ("tests/test_tiny_losses.py", "-k", "contrast_loss_and_dq and fused and fp32"),
+        "issue 13: lse − pos over all keys cancels when the target dominates",
+    ),
+    Mutant(
+        "torch-contrast-keys-grad-without-target-indicator",
+        "moco_fast/torch_backend/contrast.py",
+        "            probs.scatter_add_(1, tcol, -tin.to(ct))  # P − onehot(target), in the tile",
+        "            pass",
+        (CONTRAST, "-k", "nt_xent_matches_float64"),
+    ),
+    Mutant(
+        "triton-contrast-target-in-the-sweep",
+        "kernels/contrast_fwd.py",
+        "        valid = key_ok[None, :] & (key[None, :] != tgt[:, None])  # the target joins at the end",
+        "        valid = key_ok[None, :]",
+        (CONTRAST, "-k", "triton_core_matches_float64"),
+    ),
+    Mutant(
+        "triton-contrast-bwd-without-target-indicator",
+        "kernels/contrast_bwd.py",
+        "        pt = pt - (key[:, None] == tgt[None, :]).to(tl.float32)  # in [-1, 1]: safe to round to half",
+        "        pt = pt",
+        (CONTRAST, "-k", "triton_nt_xent_matches_float64"),
+    ),
+    Mutant(
+        "nt-xent-positive-off-by-one",
+        "moco_fast/functional.py",
+        "    target = offset + (local + rows // 2) % rows",
+        "    target = offset + (local + rows // 2 + 1) % rows",
+        (CONTRAST, "-k", "nt_xent_equals_simclr_reference_and_lightly"),
+    ),
+    Mutant(
+        "mocov3-loss-without-2T",
+        "moco_fast/functional.py",
+        "    loss = loss.mean() * (2.0 * temperature)",
+        "    loss = loss.mean()",
+        (CONTRAST, "-k", "mocov3_loss_matches_official"),
+    ),
+    Mutant(
+        "gather-with-grad-not-summed",
+        "moco_fast/distributed.py",
+        "        dist.all_reduce(grad)  # gloo has no reduce_scatter; the sum of the whole (W·B, d) is small\n",
+        "",
+        ("tests/test_dicts_distributed.py", "-k", "two_ranks_equal_one_process"),
+        "the peers' bug (lightly#1528, vissl #123): each rank keeps only its own gradient of its rows",
+    ),
+    Mutant(
+        "ntxent-bank-enqueued-without-grad-check",
+        "moco_fast/losses.py",
+        "        if out0.requires_grad:  # lightly updates only when a backward pass will follow",
+        "        if True:",
+        ("tests/test_ntxent_loss.py", "-k", "bank_is_not_updated_without_grad"),
+    ),
+    # ---------------------------------------------------------------- the memory bank
+    Mutant(
+        "torch-bank-first-occurrence-wins",
+        "moco_fast/torch_backend/memory_bank.py",
+        "    src[perm] = perm[group_end]",
+        "    src[perm] = perm",
+        (BANK, "-k", "duplicate or npid"),
+    ),
+    Mutant(
+        "triton-bank-not-renormalized",
+        "kernels/memory_bank.py",
+        "    u = u / tl.maximum(norm, 1e-12)[:, None]",
+        "    u = u",
+        (BANK, "-k", "triton or npid"),
+    ),
+    # ---------------------------------------------------------------- BYOL / SwAV / DINO
+    Mutant(
+        "sinkhorn-no-prototype-normalization",
+        "moco_fast/swav.py",
+        "        L -= _global_lse(L, 0, world, buf).add_(log_p)  # each prototype's mass → 1/P (all ranks)\n",
+        "",
+        ("tests/test_swav.py", "-k", "sinkhorn_matches_lightly or fixed_point"),
+    ),
+    Mutant(
+        "triton-dino-center-sign",
+        "kernels/dino_fwd.py",
+        "            s -= b[None, :] * qk_scale",
+        "            s += b[None, :] * qk_scale",
+        ("tests/test_dino.py", "-k", "triton"),
+    ),
+    Mutant(
+        "dino-student-grad-keeps-own-teacher-view",
+        "moco_fast/ops.py",
+        "        partners[: min(S, T)] -= uv[: min(S, T)]",
+        "        pass",
+        ("tests/test_dino.py", "-k", "float64 or lightly"),
+        "a student view must not be paired with its own teacher view",
+    ),
+    Mutant(
+        "dino-center-momentum-swapped",
+        "moco_fast/dino.py",
+        "self.center * m + batch_center.reshape(self.center.shape).to(self.center.dtype) * (1 - m)",
+        "self.center * (1 - m) + batch_center.reshape(self.center.shape).to(self.center.dtype) * m",
+        ("tests/test_dino.py", "-k", "lightly"),
     ),
 ]
