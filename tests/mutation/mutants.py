@@ -463,7 +463,9 @@ MUTANTS: list[Mutant] = [
         "moco_fast/torch_backend/memory_bank.py",
         "    src[perm] = perm[group_end]",
         "    src[perm] = perm",
-        (BANK, "-k", "duplicate or npid"),
+        (BANK, "-k", "duplicate or npid or last_occurrence"),
+        "on the CPU index_copy_ writes duplicates in order (the last wins either way); on a GPU the order is "
+        "undefined, so every duplicate must write the same row: the helper's own test sees it",
     ),
     Mutant(
         "triton-bank-not-renormalized",
