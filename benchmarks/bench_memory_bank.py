@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_ntxent import check_and_time, finish, fits, table, timing_defaults  # noqa: E402
+from bench_ntxent import finish, measure_rows, table, timing_defaults  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -167,33 +167,8 @@ def loss_rows() -> list[LossRow]:
 
 
 def run_case(case: Case, rows, args, timing) -> list[dict]:
-    inputs = make_inputs(case)
     matrix_bytes = 4 * case.batch * case.bank
-    results, ref = [], None
-    for row in rows:
-        result = {"row": row.name, **case.fields()}
-        results.append(result)
-        reason = row.available(case)
-        if reason is None and not fits(row, matrix_bytes, case.device):
-            reason = f"needs ~{row.matrix_copies * matrix_bytes / 2**30:.1f} GiB"
-        if reason is not None:
-            result["status"] = f"skipped: {reason}"
-            continue
-        try:
-            state = row.setup(case)
-            measured, ref = check_and_time(row, case, inputs, state, ref, timing)
-            result.update(measured, note=row.note)
-            if not args.no_memory:
-                if case.device.type == "cuda":
-                    peak = common.cuda_peak_extra(functools.partial(row.fwd_bwd, state, *inputs), case.device)[0]
-                    result["peak_extra_bytes"] = peak
-                else:
-                    mem = common.run_child(os.path.abspath(__file__), ["--_memory-child", row.name, *case_args(case)])
-                    result["peak_extra_bytes"] = mem.get("peak_extra_bytes")
-                    if "error" in mem:
-                        result["memory_error"] = mem["error"]
-        except Exception as exc:  # noqa: BLE001
-            result["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    results = measure_rows(case, rows, args, timing, make_inputs(case), matrix_bytes, __file__, case_args)
     finish(results, "naive")
     results += update_rows(case, timing)
     return results

@@ -318,8 +318,16 @@ def timing_defaults(args, gpu: bool) -> dict:
 
 
 def run_case(case: Case, rows: list[Row], args, timing: dict) -> list[dict]:
-    inputs = make_inputs(case)
-    matrix_bytes = 4 * case.rows * case.rows
+    results = measure_rows(case, rows, args, timing, make_inputs(case), 4 * case.rows * case.rows, __file__, case_args)
+    finish(results, "lightly")
+    finish(results, "naive")
+    return results
+
+
+def measure_rows(case, rows, args, timing, inputs, matrix_bytes: int, script: str, args_of) -> list[dict]:
+    """One result per row: skipped (unavailable, or its ``matrix_copies`` of ``matrix_bytes`` do not fit),
+    else checked against the first row measured and timed, and its peak extra memory (CUDA: in process;
+    CPU: in a child process of ``script`` run with ``args_of(case)``). Shared with bench_memory_bank.py."""
     results, ref = [], None
     for row in rows:
         result = {"row": row.name, **case.fields()}
@@ -340,15 +348,13 @@ def run_case(case: Case, rows: list[Row], args, timing: dict) -> list[dict]:
                         functools.partial(row.fwd_bwd, state, *inputs), case.device
                     )[0]
                 else:
-                    mem = memory_in_child(os.path.abspath(__file__), row.name, case_args(case))
+                    mem = memory_in_child(os.path.abspath(script), row.name, args_of(case))
                     result["peak_extra_bytes"] = mem.get("peak_extra_bytes")
                     if "error" in mem:
                         result["memory_error"] = mem["error"]
             del state
         except Exception as exc:  # noqa: BLE001 - a broken peer must not stop the run
             result["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-    finish(results, "lightly")
-    finish(results, "naive")
     return results
 
 
