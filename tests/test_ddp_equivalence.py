@@ -24,16 +24,14 @@ import contextlib
 import copy
 import datetime
 import os
-import time
 import traceback
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port
+from conftest import run_ranks
 from test_dicts_distributed import nt_xent_nograd_gather
 from torch import nn
 
@@ -304,19 +302,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("ddp_equivalence")
-    ctx = mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = run_ranks(_worker, WORLD, tmp_path_factory.mktemp("ddp_equivalence"), TIMEOUT_S)
     for r, res in enumerate(results):
         assert "setup_error" not in res, f"rank {r}: {res['setup_error']}"
     return results
