@@ -306,3 +306,27 @@ def test_one_non_finite_micro_batch_refuses_the_whole_step(on_nonfinite):
             call(bad)
         assert int(obj.num_skipped) == (on_nonfinite == "skip")
     assert torch.equal(head.bank.bank, bank) and torch.equal(dino.center, center)
+
+
+def test_device_path_refusal_of_an_accumulated_step(monkeypatch):
+    """On a GPU (the device code path, run here on CPU tensors) the step's refusal is counted without a host
+    read and raised by the next call, as for one large update."""
+    import moco_fast.queue as queue_module
+    import moco_fast.torch_backend.memory_bank as torch_bank
+
+    monkeypatch.setattr(queue_module, "_reads_are_free", lambda t: False)
+    monkeypatch.setattr(torch_bank, "_update_host_", torch_bank._update_device_)
+    bank, dino = moco_fast.MemoryBank(NUM_SAMPLES, DIM, backend="torch"), moco_fast.DINOLoss(DIM)
+    before_bank, before_center = bank.bank.clone(), dino.center.clone()
+    bad = features(6, 1)
+    bad[2, 3] = float("inf")
+    with bank.accumulate(), dino.accumulate():
+        for f in (features(6, 0), bad):
+            bank.update(torch.arange(6), f)
+            dino.update_center(f[None])
+    assert torch.equal(bank.bank, before_bank) and torch.equal(dino.center, before_center)
+    assert int(bank.num_skipped) == int(dino.num_skipped) == 1
+    with pytest.raises(moco_fast.NonFiniteFeaturesError, match="#1 or earlier"):
+        bank.update(torch.arange(6), features(6, 2))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        dino([features(6, 0)], [features(6, 1), features(6, 2)])
