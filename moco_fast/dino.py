@@ -20,10 +20,18 @@ on the device (the center stays) and — as for :class:`moco_fast.KeyQueue` — 
 raises :class:`NonFiniteTeacherError` at once on the CPU and, on a GPU, from the next call once the
 device's flag has been copied back (no host sync per step; :meth:`DINOLoss.check` forces it);
 ``on_nonfinite="skip"`` only counts refusals in ``num_skipped``.
+
+Gradient accumulation, exactly. Inside ``with loss_fn.accumulate():`` the center stays as it was when the
+block began (every micro-batch is centered and sharpened alike) and each call only adds its teacher
+outputs' sum (fp64, P values) to the step's; when the block ends the center moves ONCE, from the mean over
+all micro-batches' teacher rows (plain and fused calls alike), all-reduced once under torch.distributed —
+what one large batch does. The non-finite policy then applies to the whole step. An exception inside the
+block leaves the center unchanged; blocks do not nest.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -176,6 +184,9 @@ class DINOLoss(nn.Module):
         backend: the fused path's backend ("auto" | "triton" | "torch" | "reference").
 
     Buffers: ``center`` (1, 1, P) fp32, ``num_skipped`` (1,) int64 (refused center updates).
+
+    The loss is a mean over the batch rows: micro-batches of sizes B_i inside :meth:`accumulate`, each loss
+    weighted by B_i / ΣB_j (1/N for N equal ones), give the loss, gradients and center of one batch of ΣB_j.
     """
 
     def __init__(
@@ -214,6 +225,8 @@ class DINOLoss(nn.Module):
         self._watcher: _queue._RefusalWatcher | None = None
         self._calls = 0
         self._refusals_seen = 0
+        # Inside accumulate(): [sum of the step's teacher rows (P,) fp64, their number].
+        self._pending: list | None = None
 
     # -------------------------------------------------------------- temperature
 
@@ -267,11 +280,7 @@ class DINOLoss(nn.Module):
         diag = torch.eye(len(teacher), len(student), dtype=torch.bool, device=cross.device)
         loss = cross.masked_fill(diag[:, :, None], 0).sum() / (pairs * t_stack.shape[1])
         with torch.no_grad():
-            batch_center = t_stack.mean(dim=(0, 1)).float()
-            if is_distributed():
-                dist.all_reduce(batch_center)
-                batch_center /= dist.get_world_size()
-        self._update_center(batch_center)
+            self._center_step(t_stack.mean(dim=(0, 1)), t_stack.shape[0] * t_stack.shape[1])
         return loss
 
     def forward_fused(
@@ -308,11 +317,9 @@ class DINOLoss(nn.Module):
         with torch.no_grad():
             ct = torch.float64 if w_t.dtype == torch.float64 else torch.float32
             mean = torch.stack([v.detach().to(ct).mean(dim=0) for v in teacher_features]).mean(dim=0)  # (b,)
-            if is_distributed():
-                dist.all_reduce(mean)  # b values instead of P: mean(t) is linear in mean(h_t)
-                mean /= dist.get_world_size()
-            batch_center = (w_t.to(ct) @ mean).float()  # mean(h_t)·W_tᵀ = mean of the teacher logits
-        self._update_center(batch_center)
+            # mean(h_t)·W_tᵀ = the mean of the teacher logits; all-reduced as b values instead of P
+            rows = len(teacher_features) * teacher_features[0].shape[0]
+            self._center_step(mean, rows, project=w_t.to(ct))
         return loss
 
     # -------------------------------------------------------------- center
@@ -320,11 +327,45 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
         """lightly's update from stacked teacher logits (views, B, P): c ← m·c + (1 − m)·mean (all ranks)."""
-        batch_center = teacher_out.float().mean(dim=tuple(range(teacher_out.dim() - 1)))
+        dims = tuple(range(teacher_out.dim() - 1))
+        self._center_step(teacher_out.float().mean(dim=dims), teacher_out[..., 0].numel())
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """One optimizer step of micro-batches: the center is fixed inside the block and moves once when it
+        ends, from the mean over every micro-batch's teacher rows (all-reduced once under torch.distributed),
+        exactly as for one large batch. Nothing changes if the block raises; blocks do not nest. A refused
+        update (NaN/Inf in any micro-batch) raises from the ``with`` statement (``on_nonfinite="raise"``)."""
+        if self._pending is not None:
+            raise RuntimeError("DINOLoss.accumulate() blocks do not nest")
+        self._pending = [None, 0]
+        try:
+            yield self
+            total, rows = self._pending
+        finally:
+            self._pending = None
+        if rows:
+            with torch.no_grad():
+                mean = total / rows
+                if is_distributed():
+                    dist.all_reduce(mean)
+                    mean /= dist.get_world_size()
+                self._update_center(mean.float())
+
+    @torch.no_grad()
+    def _center_step(self, mean: Tensor, rows: int, project: Tensor | None = None) -> None:
+        """This call's share of the center update: ``mean`` (P,) of its ``rows`` teacher rows — or, with
+        ``project`` = W_t (P, b), the (b,) mean bottleneck whose logits are ``project @ mean``. Outside
+        accumulate(): all-reduce the mean (b values when projected), then move the center; inside: add the
+        rows' sum to the step's."""
+        if self._pending is not None:
+            total = (mean if project is None else project @ mean).double() * rows
+            self._pending = [total if self._pending[0] is None else self._pending[0] + total, self._pending[1] + rows]
+            return
         if is_distributed():
-            dist.all_reduce(batch_center)
-            batch_center /= dist.get_world_size()
-        self._update_center(batch_center)
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        self._update_center((mean if project is None else project @ mean).float())
 
     @torch.no_grad()
     def _update_center(self, batch_center: Tensor) -> None:

@@ -42,7 +42,7 @@ class MoCoHead(nn.Module):
         symmetric: if True, ``head(q1, q2, k1, k2)`` with q_v, k_v the query / key encodings of view v:
             the loss averages InfoNCE(q1, k2) and InfoNCE(q2, k1) (the MoCo CIFAR demo pairs views
             this way; it sums them, we average), and both key batches are enqueued once, after both
-            losses.
+            losses: k1, then k2 (under DDP: k1 of every rank, then k2 — as one process on the global batch).
         gather_distributed: all-gather keys across ranks before enqueueing (one shared queue).
         backend: "auto" | "cuda" | "triton" | "torch" | "reference".
         queue_init: "empty" or "random" (the official random unit keys).
@@ -125,7 +125,7 @@ class MoCoHead(nn.Module):
             new_keys = [k.detach()]
         if self.training:
             if self._pending is None:
-                self.queue.enqueue(torch.cat(new_keys) if len(new_keys) > 1 else new_keys[0])
+                self.queue.enqueue(torch.cat(new_keys), blocks=len(new_keys))
             else:
                 self._defer(new_keys)
         self.last_stats = stats
@@ -151,10 +151,11 @@ class MoCoHead(nn.Module):
         try:
             yield self
             pending = [k for slot in self._pending for k in slot]
+            blocks = len(self._pending)
         finally:
             self._pending = None
         if pending:
-            self.queue.enqueue(torch.cat(pending))
+            self.queue.enqueue(torch.cat(pending), blocks=blocks)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, symmetric={self.symmetric}, backend={self.backend!r}"

@@ -18,9 +18,18 @@ features of every rank are all-gathered (rank order) first, so every rank holds 
 
 Index checks read the indices on the host (one small sync per call on a GPU): an out-of-range index
 would otherwise read or write outside the bank.
+
+Gradient accumulation, exactly. Inside ``with bank.accumulate():`` (or ``head.accumulate()``) every
+``update`` is checked and kept, not written: every micro-batch's loss sees the bank as it was when the
+block began, and when it ends the indices and features of all micro-batches are written by ONE update,
+in batch order — the duplicate-index rule (the last occurrence of the step wins), the non-finite policy
+(one NaN refuses the whole step) and the all-gather under torch.distributed (once per step) are those of
+one large batch. An exception inside the block writes nothing. Blocks do not nest.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +101,8 @@ class MemoryBank(nn.Module):
         self._calls = 0
         self._watcher: _queue._RefusalWatcher | None = None
         self._refusals_seen = 0
+        # Inside accumulate(): the (indices, features) of the step's micro-batches, written at its end.
+        self._pending: list[tuple[Tensor, Tensor]] | None = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -143,8 +154,12 @@ class MemoryBank(nn.Module):
 
         indices: (B,) int64 (or int32) sample indices in [0, N), on the bank's device; features: (B, d),
         usually unit rows. Raises TypeError/ValueError (nothing written) for bad arguments and
-        NonFiniteFeaturesError as described in the module docstring.
+        NonFiniteFeaturesError as described in the module docstring. Inside :meth:`accumulate` the batch
+        is checked and kept (a copy), and written with the rest of the step when the block ends.
         """
+        if self._pending is not None:
+            self._pending.append((self.check_batch(indices, features), features.detach().clone()))
+            return
         landed = self._watcher.landed() if self._watcher is not None else None
         if landed is not None and landed > self._refusals_seen:
             self._refusals_seen = landed
@@ -166,6 +181,23 @@ class MemoryBank(nn.Module):
             if self._watcher is None:
                 self._watcher = _queue._RefusalWatcher(self.num_skipped)
             self._watcher.after_call(self.num_skipped, self._calls)
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """One optimizer step of micro-batches: the bank does not change inside the block, and the updates of
+        every micro-batch are applied by one :meth:`update` of their concatenation (batch order) when it ends,
+        exactly as one large batch would be. Nothing is written if the block raises; blocks do not nest. A
+        refusal of that update (NaN/Inf, see the module docstring) raises from the ``with`` statement."""
+        if self._pending is not None:
+            raise RuntimeError("MemoryBank.accumulate() blocks do not nest")
+        self._pending = []
+        try:
+            yield self
+            pending = self._pending
+        finally:
+            self._pending = None
+        if pending:
+            self.update(torch.cat([i for i, _ in pending]), torch.cat([f for _, f in pending]))
 
     def extra_repr(self) -> str:
         return (
@@ -193,6 +225,11 @@ class MemoryBankHead(nn.Module):
 
     Forward returns the fp32 scalar loss, or (loss, InfoNCEStats) with ``return_stats=True``;
     ``head.last_stats`` holds the last acc@1 / acc@5 (the own row's rank among the other logits).
+
+    ``with head.accumulate():`` — one optimizer step as micro-batches (see :meth:`MemoryBank.accumulate`):
+    the loss is the mean over rows, so micro-batches of sizes B_i, each loss weighted by B_i / ΣB_j (1/N for
+    N equal ones), give the loss, gradients and bank of one batch of ΣB_j rows. Exact for
+    ``num_negatives=None``; with sampled negatives each micro-batch draws its own K rows.
     """
 
     def __init__(
@@ -246,6 +283,10 @@ class MemoryBankHead(nn.Module):
             self.bank.update(indices, f.detach())
         self.last_stats = stats
         return (loss, stats) if return_stats else loss
+
+    def accumulate(self):
+        """:meth:`MemoryBank.accumulate` of this head's bank (a context manager)."""
+        return self.bank.accumulate()
 
     def extra_repr(self) -> str:
         k = "exact" if self.num_negatives is None else self.num_negatives

@@ -194,8 +194,12 @@ class KeyQueue(nn.Module):
             raise self._refusal_error(f"#{self._watcher.copied_at_call} or earlier")
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
+    def enqueue(self, keys: Tensor, *, blocks: int = 1) -> None:
         """Write ``keys`` (B, d) at the pointer, wrapping around; under DDP, every rank's keys.
+
+        ``blocks``: ``keys`` is that many equal blocks of rows (MoCoHead's symmetric k1, then k2); under
+        DDP they are gathered block by block — block 1 of every rank (rank order), then block 2 — the order
+        one process on the global batch enqueues (a plain gather would interleave the ranks' blocks).
 
         Raises ValueError (B > size, wrong dim/device), TypeError (non-float dtype) and
         NonFiniteKeysError (NaN/Inf keys with on_nonfinite="raise", see the class docstring); a
@@ -203,8 +207,14 @@ class KeyQueue(nn.Module):
         """
         self._raise_landed_refusal()
         keys = self._check_keys(keys).detach()
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1 or keys.shape[0] % blocks:
+            raise ValueError(f"blocks must be a positive int dividing the {keys.shape[0]} keys, got {blocks!r}")
         if self.gather_distributed:
-            keys = concat_all_gather(keys)
+            gathered = concat_all_gather(keys)
+            if blocks > 1 and gathered.shape[0] > keys.shape[0]:  # (rank, block, row) -> (block, rank, row)
+                gathered = gathered.reshape(-1, blocks, keys.shape[0] // blocks, self.dim).transpose(0, 1)
+                gathered = gathered.reshape(-1, self.dim)
+            keys = gathered
         batch = keys.shape[0]
         if batch > self.size:
             raise ValueError(

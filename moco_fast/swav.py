@@ -24,6 +24,7 @@ code's Q is the transpose). Codes are (B, P), each row summing to 1.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -283,6 +284,12 @@ class SwaVQueue(nn.Module):
 
     :meth:`outputs` scores the queued rows against the current prototypes once every queue is full (the
     official rule) and returns None before; :meth:`enqueue` appends a step's projections (after the loss).
+
+    ``with queue.accumulate():`` — one optimizer step as micro-batches: :meth:`outputs` sees the queues as
+    they were when the block began and the projections of every :meth:`enqueue` inside are appended once
+    when it ends, in batch order (the queues a large batch leaves). Nothing is enqueued if the block raises;
+    blocks do not nest. The loss itself is not additive over micro-batches: Sinkhorn's equal partition
+    runs over each call's rows (plus the queue's), so N micro-batches are not one batch N times larger.
     """
 
     def __init__(
@@ -304,6 +311,8 @@ class SwaVQueue(nn.Module):
             KeyQueue(size, dim, dtype, gather_distributed, on_nonfinite=on_nonfinite, backend=backend)
             for _ in range(num_queues)
         )
+        # Inside accumulate(): the projections waiting to be enqueued, one list per queue.
+        self._pending: list[list[Tensor]] | None = None
 
     @property
     def is_full(self) -> bool:
@@ -327,5 +336,31 @@ class SwaVQueue(nn.Module):
             raise ValueError(f"got {len(projections)} projection batches for {len(self.queues)} queues")
         for i, (q, z) in enumerate(zip(self.queues, projections)):
             check_matrix(z, f"projections[{i}]", q.dim)
+        if self._pending is not None:
+            waiting = sum(z.shape[0] for z in self._pending[0]) + projections[0].shape[0]
+            if waiting > self.queues[0].size:
+                raise ValueError(
+                    f"accumulate(): {waiting} projections of this step would not fit a queue of size "
+                    f"{self.queues[0].size}"
+                )
+            for slot, z in zip(self._pending, projections):
+                slot.append(z.detach().clone())
+            return
         for q, z in zip(self.queues, projections):
             q.enqueue(z.detach())
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """One optimizer step of micro-batches: the queues do not change inside the block; every
+        :meth:`enqueue` inside is appended once, in order, when it ends. Nothing is enqueued if it raises."""
+        if self._pending is not None:
+            raise RuntimeError("SwaVQueue.accumulate() blocks do not nest")
+        self._pending = [[] for _ in self.queues]
+        try:
+            yield self
+            pending = self._pending
+        finally:
+            self._pending = None
+        if pending[0]:
+            for q, slot in zip(self.queues, pending):
+                q.enqueue(torch.cat(slot))

@@ -193,6 +193,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(worker, world: int, out_dir, timeout_s: float) -> list[dict]:
+    """Spawn ``worker(rank, port, out_dir)`` on ``world`` processes (a fresh gloo port), fail the caller if
+    they take over ``timeout_s`` (killing them), and load what each saved as ``out_dir/rank{r}.pt``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers did not finish within {timeout_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
 def poison_allocator(device) -> None:
     """Fill cached CUDA allocator blocks with 0xFF bytes (NaN as float, -1 as int64) before a kernel runs,
     so an output element a kernel fails to write shows up. A no-op off the GPU."""
