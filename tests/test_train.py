@@ -4,6 +4,7 @@ Every run here is tiny (a few dozen MNIST-5k images, a 4-channel CNN, 1 thread) 
 """
 
 import json
+import math
 import os
 
 import pytest
@@ -243,7 +244,9 @@ def _assert_same_run(a, b):
     for k in sa:
         assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"])
     assert a["scheduler"] == b["scheduler"]
-    strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in h]  # timings differ
+    def strip(history):  # timings differ; an epoch without kNN logs NaN, which equals nothing
+        nan = lambda v: isinstance(v, float) and math.isnan(v)
+        return [{k: "nan" if nan(v) else v for k, v in r.items() if not k.endswith("_s")} for r in history]
     assert strip(a["history"]) == strip(b["history"])
 
 

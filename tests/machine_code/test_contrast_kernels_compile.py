@@ -172,13 +172,6 @@ def specs() -> list[dict]:
     return out
 
 
-def _cuobjdump() -> str | None:
-    import triton
-
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return path if os.path.exists(path) else shutil.which("cuobjdump")
-
-
 def _worker(out_path: str, shard: int = 0, num_shards: int = 1) -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     import triton
@@ -193,7 +186,7 @@ def _worker(out_path: str, shard: int = 0, num_shards: int = 1) -> None:
         for n in dir(m)
         if n.endswith("_kernel")
     }
-    cuobjdump, tmp, results = _cuobjdump(), tempfile.mkdtemp(prefix="contrast_sass_"), []
+    cuobjdump, tmp, results = os.environ["MOCO_FAST_CUOBJDUMP"], tempfile.mkdtemp(prefix="contrast_sass_"), []
     for spec in specs()[shard::num_shards]:
         fn = kernels[spec["kernel"]]
         consts = {k: (getattr(tl, v[1]) if isinstance(v, tuple) else v) for k, v in spec["consts"].items()}
@@ -245,8 +238,11 @@ def compiled():
         from triton.compiler import ASTSource  # noqa: F401
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"triton without the NVIDIA backend / ASTSource API: {err!r}")
-    if _cuobjdump() is None:
-        pytest.skip("no cuobjdump (triton's backends/nvidia/bin or PATH)")
+    from conftest import find_cuobjdump
+
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (triton's bundled one or a CUDA toolkit's)")
     tmp = tempfile.mkdtemp(prefix="contrast_offline_")
     shards = max(1, min(4, os.cpu_count() or 1))  # ptxas and LLVM are single-threaded
     procs = [
@@ -259,7 +255,7 @@ def compiled():
                 str(i),
                 str(shards),
             ],
-            env=dict(os.environ, TRITON_INTERPRET="0"),
+            env=dict(os.environ, TRITON_INTERPRET="0", MOCO_FAST_CUOBJDUMP=cuobjdump),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -19,7 +19,6 @@ import tempfile
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 SMEM_LIMIT_SM90 = 232448
 # (features dtype, prototypes dtype, fp32 precision): the dot dtype follows moco_fast's promotion rule.
 MIXES = [("bfloat16", "bfloat16", "tf32"), ("float32", "float32", "tf32"), ("float32", "float32", "ieee"),
@@ -76,7 +75,6 @@ def _worker(out_path: str) -> None:
     import triton
     import triton.language as tl
     from moco_fast.kernels import dino_bwd, dino_fwd
-    from test_triton_offline_compile import _cuobjdump
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -107,7 +105,8 @@ def _worker(out_path: str) -> None:
             cubin = os.path.join(tmp, spec["name"] + ".cubin")
             with open(cubin, "wb") as fh:
                 fh.write(compiled.asm["cubin"])
-            sass = subprocess.run([_cuobjdump(), "--dump-sass", cubin], capture_output=True, text=True).stdout
+            tool = os.environ["MOCO_FAST_CUOBJDUMP"]
+            sass = subprocess.run([tool, "--dump-sass", cubin], capture_output=True, text=True).stdout
             res["ldl_stl"] = len(re.findall(r"\b(?:LDL|STL)\b", sass))
             res["hgmma"] = len(re.findall(r"\bHGMMA\b", sass))
             res["hmma"] = len(re.findall(r"\bHMMA\b", sass))  # mma.sync: tiles too small for a warpgroup
@@ -124,16 +123,17 @@ triton = pytest.importorskip("triton")
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    from test_triton_offline_compile import _cuobjdump
+    from conftest import find_cuobjdump
 
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError:
         pytest.skip("this triton cannot target a GPU offline")
-    if _cuobjdump() is None:
-        pytest.skip("no cuobjdump (triton's bundled one or on PATH)")
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (triton's bundled one or a CUDA toolkit's)")
     out = str(tmp_path_factory.mktemp("dino_sass") / "results.json")
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, TRITON_INTERPRET="0", MOCO_FAST_CUOBJDUMP=cuobjdump)
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", out], env=env, capture_output=True, text=True, timeout=600
     )
@@ -153,5 +153,4 @@ def test_every_launcher_config_builds_for_sm90(compiled):
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
-    sys.path.insert(0, HERE)
     _worker(sys.argv[2])
