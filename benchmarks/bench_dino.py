@@ -43,6 +43,8 @@ import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from moco_fast import benchmarking as mb  # noqa: E402
+
 ROWS = ("materialized", "moco_fast.DINOLoss", "dino_loss[torch]")
 
 
@@ -122,9 +124,9 @@ def child(args) -> None:
     inputs = _inputs_with_grad(args, device)
     grads_bytes = sum(t.numel() * t.element_size() for t in (*inputs[0], inputs[2]))
     if device.type == "cuda":
-        peak, _ = common.cuda_peak_extra(lambda: fwd_bwd(fn, prepare, *inputs), device)
+        peak, _ = mb.cuda_peak_extra(lambda: fwd_bwd(fn, prepare, *inputs), device)
     else:
-        peak, _ = common.cpu_peak_extra(lambda: fwd_bwd(fn, prepare, *inputs))
+        peak, _ = mb.cpu_peak_extra(lambda: fwd_bwd(fn, prepare, *inputs))
     print(json.dumps({"row": args.child, "peak_extra_bytes": peak, "grads_bytes": grads_bytes}))
 
 
@@ -154,7 +156,7 @@ def bench_dino(args) -> dict:
     print(
         f"DINO loss + last layer, fwd+bwd: P={P}, b={b}, {args.global_crops} global + {args.local_crops} local crops "
         f"x {args.batch} images ({R_s} student rows, {R_t} teacher rows), {args.dtype}, {device}, "
-        f"{torch.get_num_threads()} thread(s); logits alone: {common.fmt_bytes(4 * (R_s + R_t) * P)} fp32"
+        f"{torch.get_num_threads()} thread(s); logits alone: {mb.fmt_bytes(4 * (R_s + R_t) * P)} fp32"
     )
     inputs = _inputs_with_grad(args, device)
     ref = reference64(*inputs)
@@ -171,42 +173,42 @@ def bench_dino(args) -> dict:
         # P = 65536); its gradients do not. A row is wrong beyond that.
         if err["loss_rel_err"] > 1e-2 or err["dh_rel_err"] > 1e-3 or err["dw_rel_err"] > 1e-3:
             raise SystemExit(f"{name} disagrees with the float64 reference: {err}")
-        timing = common.time_fn(
+        timing = mb.time_fn(
             lambda fn=fn, prepare=prepare: fwd_bwd(fn, prepare, *inputs),
             device,
             warmup=args.warmup,
             repeats=args.repeats,
             budget_s=args.budget,
         )
-        mem = common.run_child(__file__, [*_child_args(args), "--child", name])
+        mem = mb.run_child([os.path.abspath(__file__), *_child_args(args), "--child", name])
         row = {"row": name, "loss": float(loss), **err, **timing, **mem, "gflops": flops / timing["median_s"] / 1e9}
         results.append(row)
     base = results[0]
     for row in results:
-        row["speedup"] = common.ratio(base["median_s"], row["median_s"])
+        row["speedup"] = mb.ratio(base["median_s"], row["median_s"])
         if "peak_extra_bytes" in row and "peak_extra_bytes" in base:
-            row["memory_ratio"] = common.ratio(base["peak_extra_bytes"], row["peak_extra_bytes"])
+            row["memory_ratio"] = mb.ratio(base["peak_extra_bytes"], row["peak_extra_bytes"])
             net, base_net = row["peak_extra_bytes"] - row["grads_bytes"], base["peak_extra_bytes"] - base["grads_bytes"]
             row["peak_extra_net_bytes"] = net
-            row["memory_ratio_net"] = common.ratio(base_net, max(net, 1))
+            row["memory_ratio_net"] = mb.ratio(base_net, max(net, 1))
     table = [
         {
             "row": r["row"],
-            "fwd+bwd": common.fmt_time(r["median_s"]),
-            "speedup": common.fmt_ratio(r["speedup"]),
+            "fwd+bwd": mb.fmt_time(r["median_s"]),
+            "speedup": mb.fmt_ratio(r["speedup"]),
             "GFLOP/s": f"{r['gflops']:.0f}",
-            "peak extra": common.fmt_bytes(r.get("peak_extra_bytes")),
-            "mem ratio": common.fmt_ratio(r.get("memory_ratio")),
-            "net of grads": common.fmt_bytes(r.get("peak_extra_net_bytes")),
-            "net ratio": common.fmt_ratio(r.get("memory_ratio_net")),
-            "loss err": common.fmt_err(r["loss_rel_err"]),
-            "dW err": common.fmt_err(r["dw_rel_err"]),
-            "dh err": common.fmt_err(r["dh_rel_err"]),
+            "peak extra": mb.fmt_bytes(r.get("peak_extra_bytes")),
+            "mem ratio": mb.fmt_ratio(r.get("memory_ratio")),
+            "net of grads": mb.fmt_bytes(r.get("peak_extra_net_bytes")),
+            "net ratio": mb.fmt_ratio(r.get("memory_ratio_net")),
+            "loss err": mb.fmt_err(r["loss_rel_err"]),
+            "dW err": mb.fmt_err(r["dw_rel_err"]),
+            "dh err": mb.fmt_err(r["dh_rel_err"]),
         }
         for r in results
     ]
     cols = [(k, k) for k in table[0]]
-    print(common.format_table(table, cols))
+    print(mb.format_table(table, cols))
     case = dict(
         prototypes=P, bottleneck=b, batch=args.batch, global_crops=args.global_crops, local_crops=args.local_crops
     )
@@ -244,7 +246,7 @@ def bench_sinkhorn(args) -> dict:
                 codes = fn(scores, 3, eps)
                 finite = bool(torch.isfinite(codes).all())
                 err = _rel(codes, exact) if finite else None
-                timing = common.time_fn(
+                timing = mb.time_fn(
                     lambda fn=fn, s=scores, e=eps: fn(s, 3, e), device, warmup=args.warmup, repeats=args.repeats
                 )
                 rows.append(
@@ -252,22 +254,22 @@ def bench_sinkhorn(args) -> dict:
                 )
     base = {(r["N"], r["P"], r["dtype"], r["epsilon"]): r["median_s"] for r in rows if r["impl"] == "lightly"}
     for r in rows:
-        r["time_vs_lightly"] = common.ratio(r["median_s"], base[(r["N"], r["P"], r["dtype"], r["epsilon"])])
+        r["time_vs_lightly"] = mb.ratio(r["median_s"], base[(r["N"], r["P"], r["dtype"], r["epsilon"])])
     table = [
         {
             "N x P": f"{r['N']} x {r['P']}",
             "dtype": r["dtype"],
             "eps": r["epsilon"],
             "impl": r["impl"],
-            "time": common.fmt_time(r["median_s"]),
-            "vs lightly": common.fmt_ratio(r["time_vs_lightly"]),
+            "time": mb.fmt_time(r["median_s"]),
+            "vs lightly": mb.fmt_ratio(r["time_vs_lightly"]),
             "finite": r["finite"],
-            "err vs fp64": common.fmt_err(r["rel_err"]),
+            "err vs fp64": mb.fmt_err(r["rel_err"]),
         }
         for r in rows
     ]
     print(f"Sinkhorn, 3 iterations, {device}, {torch.get_num_threads()} thread(s)")
-    print(common.format_table(table, [(k, k) for k in table[0]]))
+    print(mb.format_table(table, [(k, k) for k in table[0]]))
     return {"rows": rows}
 
 

@@ -41,6 +41,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_ntxent import finish, measure_rows, table, timing_defaults  # noqa: E402
 
+from moco_fast import benchmarking as mb  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Case:
@@ -184,23 +186,23 @@ def update_rows(case: Case, timing) -> list[dict]:
     out = []
     official = bank.clone()
     fn = functools.partial(reference_memory_bank_update, official, idx, f, 0.5)
-    t = common.time_fn(fn, case.device, **timing)
+    t = mb.time_fn(fn, case.device, **timing)
     out.append({"row": "update[npid-official]", **case.fields(), "update_s": t["median_s"], "status": "ok"})
     for backend in ("torch", "triton"):
         try:
-            mb = MemoryBank(case.bank, case.dim, 0.5, case.dtype, backend=backend, device=case.device)
+            bank_op = MemoryBank(case.bank, case.dim, 0.5, case.dtype, backend=backend, device=case.device)
         except Exception as exc:  # noqa: BLE001
             out.append({"row": f"update[{backend}]", **case.fields(), "status": f"skipped: {exc}"})
             continue
         if backend == "triton" and case.device.type != "cuda":
             out.append({"row": f"update[{backend}]", **case.fields(), "status": "skipped: CUDA only"})
             continue
-        mb.bank.copy_(bank)
+        bank_op.bank.copy_(bank)
         check = bank.clone()
-        mb.update(idx, f)
+        bank_op.update(idx, f)
         reference_memory_bank_update(check, idx, f, 0.5)
-        err = (mb.bank.float() - check.float()).abs().max().item()
-        t = common.time_fn(functools.partial(mb.update, idx, f), case.device, **timing)
+        err = (bank_op.bank.float() - check.float()).abs().max().item()
+        t = mb.time_fn(functools.partial(bank_op.update, idx, f), case.device, **timing)
         out.append(
             {
                 "row": f"update[{backend}]",
@@ -237,7 +239,7 @@ def memory_child(args) -> None:
     row.fwd_bwd(row.setup(tiny), *make_inputs(tiny, seed=1))
     inputs = make_inputs(case)
     state = row.setup(case)
-    peak, _ = common.cpu_peak_extra(functools.partial(row.fwd_bwd, state, *inputs))
+    peak, _ = mb.cpu_peak_extra(functools.partial(row.fwd_bwd, state, *inputs))
     print(json.dumps({"peak_extra_bytes": peak}))
 
 
@@ -276,7 +278,7 @@ def main(argv=None) -> int:
     print(table(losses, "naive", lambda r: f"{r['B']}/{r['N']}/{r['d']}/{r['dtype']}"))
     for r in results:
         if r["row"].startswith("update"):
-            print(f"{r['row']:24s} B={r['B']} N={r['N']}: {common.fmt_time(r.get('update_s'))}  {r['status']}")
+            print(f"{r['row']:24s} B={r['B']} N={r['N']}: {mb.fmt_time(r.get('update_s'))}  {r['status']}")
     machine["loadavg_end"] = list(os.getloadavg())
     if args.json:
         common.write_json(

@@ -46,6 +46,8 @@ import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from moco_fast import benchmarking as mb  # noqa: E402
+
 SWEEP_ROWS = (4096, 16384, 65536)
 
 
@@ -130,7 +132,9 @@ class Lightly(Row):
     def setup(self, case):
         from lightly.loss import NTXentLoss
 
-        self.note = f"lightly {common._version('lightly')} NTXentLoss(T): 4 einsums, mask indexing, cat, cross_entropy"
+        self.note = (
+            f"lightly {mb.package_version('lightly')} NTXentLoss(T): 4 einsums, mask indexing, cat, cross_entropy"
+        )
         return NTXentLoss(case.temperature).to(case.device)
 
     def loss(self, fn, z0, z1):
@@ -236,7 +240,7 @@ def radial_free(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def fits(row: Row, matrix_bytes: int, device: torch.device) -> bool:
-    return row.matrix_copies is None or row.matrix_copies * matrix_bytes <= 0.8 * common.available_memory_bytes(device)
+    return row.matrix_copies is None or row.matrix_copies * matrix_bytes <= 0.8 * mb.available_memory_bytes(device)
 
 
 def check_and_time(row, case, inputs, state, ref, timing) -> dict:
@@ -251,14 +255,14 @@ def check_and_time(row, case, inputs, state, ref, timing) -> dict:
     tol = 5e-2 if low else (2e-3 if case.device.type == "cuda" else 1e-4)
     ok = math.isfinite(loss_err) and loss_err <= tol and grad_err <= tol
     result = dict(loss=float(loss), loss_abs_err=loss_err, grad_rel_err=grad_err, status="ok" if ok else "FAIL")
-    fb = common.time_fn(functools.partial(row.fwd_bwd, state, *inputs), case.device, **timing)
-    fw = common.time_fn(functools.partial(row.forward, state, *inputs), case.device, **dict(timing, min_repeats=3))
+    fb = mb.time_fn(functools.partial(row.fwd_bwd, state, *inputs), case.device, **timing)
+    fw = mb.time_fn(functools.partial(row.forward, state, *inputs), case.device, **dict(timing, min_repeats=3))
     result.update(fwd_bwd_s=fb["median_s"], fwd_bwd_min_s=fb["min_s"], fwd_s=fw["median_s"], repeats=fb["repeats"])
     return result, ref
 
 
 def memory_in_child(script: str, row_name: str, case_args: list[str]) -> dict:
-    return common.run_child(script, ["--_memory-child", row_name, *case_args])
+    return mb.run_child([os.path.abspath(script), "--_memory-child", row_name, *case_args])
 
 
 def finish(results: list[dict], baseline: str) -> None:
@@ -266,8 +270,8 @@ def finish(results: list[dict], baseline: str) -> None:
     base = next((r for r in results if r["row"] == baseline and "fwd_bwd_s" in r), None)
     for r in results:
         if base is not None and "fwd_bwd_s" in r:
-            r[f"speedup_vs_{baseline}"] = common.ratio(base["fwd_bwd_s"], r["fwd_bwd_s"])
-            r[f"memory_saving_vs_{baseline}"] = common.ratio(base.get("peak_extra_bytes"), r.get("peak_extra_bytes"))
+            r[f"speedup_vs_{baseline}"] = mb.ratio(base["fwd_bwd_s"], r["fwd_bwd_s"])
+            r[f"memory_saving_vs_{baseline}"] = mb.ratio(base.get("peak_extra_bytes"), r.get("peak_extra_bytes"))
 
 
 def table(results: list[dict], baseline: str, case_key) -> str:
@@ -275,14 +279,14 @@ def table(results: list[dict], baseline: str, case_key) -> str:
         {
             "case": case_key(r),
             "row": r["row"],
-            "fb": common.fmt_time(r.get("fwd_bwd_s")),
-            "fw": common.fmt_time(r.get("fwd_s")),
+            "fb": mb.fmt_time(r.get("fwd_bwd_s")),
+            "fw": mb.fmt_time(r.get("fwd_s")),
             "n": r.get("repeats", "-"),
-            "mem": common.fmt_bytes(r.get("peak_extra_bytes")),
-            "speed": common.fmt_ratio(r.get(f"speedup_vs_{baseline}")),
-            "memr": common.fmt_ratio(r.get(f"memory_saving_vs_{baseline}")),
-            "lerr": common.fmt_err(r.get("loss_abs_err")),
-            "gerr": common.fmt_err(r.get("grad_rel_err")),
+            "mem": mb.fmt_bytes(r.get("peak_extra_bytes")),
+            "speed": mb.fmt_ratio(r.get(f"speedup_vs_{baseline}")),
+            "memr": mb.fmt_ratio(r.get(f"memory_saving_vs_{baseline}")),
+            "lerr": mb.fmt_err(r.get("loss_abs_err")),
+            "gerr": mb.fmt_err(r.get("grad_rel_err")),
             "status": r.get("status", ""),
         }
         for r in results
@@ -300,7 +304,7 @@ def table(results: list[dict], baseline: str, case_key) -> str:
         ("grad rel err", "gerr"),
         ("check", "status"),
     ]
-    return common.format_table(rows, columns)
+    return mb.format_table(rows, columns)
 
 
 def timing_defaults(args, gpu: bool) -> dict:
@@ -344,7 +348,7 @@ def measure_rows(case, rows, args, timing, inputs, matrix_bytes: int, script: st
             result.update(measured, note=row.note)
             if not args.no_memory:
                 if case.device.type == "cuda":
-                    result["peak_extra_bytes"] = common.cuda_peak_extra(
+                    result["peak_extra_bytes"] = mb.cuda_peak_extra(
                         functools.partial(row.fwd_bwd, state, *inputs), case.device
                     )[0]
                 else:
@@ -382,7 +386,7 @@ def memory_child(args) -> None:
     row.fwd_bwd(row.setup(tiny), *make_inputs(tiny, seed=1))
     inputs = make_inputs(case)
     state = row.setup(case)
-    peak, _ = common.cpu_peak_extra(functools.partial(row.fwd_bwd, state, *inputs))
+    peak, _ = mb.cpu_peak_extra(functools.partial(row.fwd_bwd, state, *inputs))
     print(json.dumps({"peak_extra_bytes": peak}))
 
 

@@ -22,6 +22,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import sys
 
 import torch
 
@@ -236,6 +237,17 @@ def no_host_sync(device):
         yield
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+def compile_python(which: str) -> str:
+    """The interpreter a machine-code test compiles under: this one ("main") or the triton 3.6 side venv
+    ("triton36", MOCO_FAST_TRITON36_PYTHON, which .ci/run sets; the test skips without it)."""
+    if which == "main":
+        return sys.executable
+    python = os.environ.get("MOCO_FAST_TRITON36_PYTHON")
+    if not python:
+        pytest.skip("MOCO_FAST_TRITON36_PYTHON is not set (.ci/run sets it to a venv with triton==3.6.0)")
+    return python
 
 
 def find_cuobjdump() -> str | None:

@@ -244,9 +244,11 @@ def _assert_same_run(a, b):
     for k in sa:
         assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"])
     assert a["scheduler"] == b["scheduler"]
+
     def strip(history):  # timings differ; an epoch without kNN logs NaN, which equals nothing
         nan = lambda v: isinstance(v, float) and math.isnan(v)
         return [{k: "nan" if nan(v) else v for k, v in r.items() if not k.endswith("_s")} for r in history]
+
     assert strip(a["history"]) == strip(b["history"])
 
 

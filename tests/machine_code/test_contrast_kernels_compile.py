@@ -230,8 +230,12 @@ def _worker(out_path: str, shard: int = 0, num_shards: int = 1) -> None:
 triton = pytest.importorskip("triton")
 
 
-@pytest.fixture(scope="module")
-def compiled():
+@pytest.fixture(scope="module", params=["main", "triton36"])
+def compiled(request):
+    """Build results of every spec, by this environment's triton ("main") or triton 3.6."""
+    from conftest import compile_python
+
+    python = compile_python(request.param)
     try:
         import triton.backends.nvidia  # noqa: F401
         from triton.backends.compiler import GPUTarget  # noqa: F401
@@ -247,14 +251,7 @@ def compiled():
     shards = max(1, min(4, os.cpu_count() or 1))  # ptxas and LLVM are single-threaded
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--worker",
-                os.path.join(tmp, f"{i}.json"),
-                str(i),
-                str(shards),
-            ],
+            [python, os.path.abspath(__file__), "--worker", os.path.join(tmp, f"{i}.json"), str(i), str(shards)],
             env=dict(os.environ, TRITON_INTERPRET="0", MOCO_FAST_CUOBJDUMP=cuobjdump),
             cwd=REPO,
             stdout=subprocess.PIPE,

@@ -121,10 +121,12 @@ def _worker(out_path: str) -> None:
 triton = pytest.importorskip("triton")
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    from conftest import find_cuobjdump
+@pytest.fixture(scope="module", params=["main", "triton36"])
+def compiled(request, tmp_path_factory):
+    """Build results of every spec, by this environment's triton ("main") or triton 3.6."""
+    from conftest import compile_python, find_cuobjdump
 
+    python = compile_python(request.param)
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError:
@@ -134,9 +136,7 @@ def compiled(tmp_path_factory):
         pytest.skip("no cuobjdump (triton's bundled one or a CUDA toolkit's)")
     out = str(tmp_path_factory.mktemp("dino_sass") / "results.json")
     env = dict(os.environ, TRITON_INTERPRET="0", MOCO_FAST_CUOBJDUMP=cuobjdump)
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", out], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([python, __file__, "--worker", out], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out) as fh:
         return {r["name"]: r for r in json.load(fh)}
