@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port
+from conftest import run_ranks
 from torch import nn
 
 import moco_fast
@@ -146,23 +144,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("ddp_dicts")
-    ctx = mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    ranks = []
-    for rank in range(WORLD):
-        r = torch.load(out / f"rank{rank}.pt", weights_only=False)
+    ranks = run_ranks(_worker, WORLD, tmp_path_factory.mktemp("ddp_dicts"), TIMEOUT_S)
+    for rank, r in enumerate(ranks):
         assert r["ok"], f"rank {rank} failed:\n{r.get('error')}"
-        ranks.append(r)
     return ranks
 
 

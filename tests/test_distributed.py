@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import run_ranks
 
 from moco_fast import KeyQueue, batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather
 from moco_fast.distributed import is_distributed
@@ -92,25 +90,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def _run_workers(tmp_path) -> list[dict]:
-    port = free_port()
-    ctx = mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    results = []
-    for rank in range(WORLD):
-        path = tmp_path / f"rank{rank}.pt"
-        assert path.exists(), f"rank {rank} wrote no result"
-        result = torch.load(path, weights_only=False)
+    results = run_ranks(_worker, WORLD, tmp_path, TIMEOUT_S)
+    for rank, result in enumerate(results):
         assert result["ok"], f"rank {rank} failed:\n{result.get('error')}"
-        results.append(result)
     return results
 
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port
+from conftest import run_ranks
 
 WORLD = 2
 B, P, D = 6, 40, 8  # per-rank batch, prototypes, bottleneck
@@ -100,24 +98,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("family_ddp")
-    ctx = mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    results = []
-    for rank in range(WORLD):
-        result = torch.load(out / f"rank{rank}.pt", weights_only=False)
-        assert result["ok"], f"rank {rank} failed:\n{result.get('error')}"
-        results.append(result)
-    return results
+    ranks = run_ranks(_worker, WORLD, tmp_path_factory.mktemp("family_ddp"), TIMEOUT_S)
+    for rank, r in enumerate(ranks):
+        assert r["ok"], f"rank {rank} failed:\n{r.get('error')}"
+    return ranks
 
 
 def test_sinkhorn_two_ranks_equal_one_process(results):
