@@ -111,6 +111,9 @@ def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05, gather_
     world = _world(gather_distributed)
     ct = compute_dtype(scores)
     L = scores.to(ct) / epsilon  # (B, P), a fresh tensor: updated in place below
+    # A NaN/Inf score makes every code NaN (on the device, no sync): a −inf would otherwise be taken as a
+    # zero mass by the max-shifted sums below and could give finite codes from a poisoned input.
+    L += torch.where(torch.isfinite(L).all(), 0.0, float("nan")).to(ct)
     buf = torch.empty_like(L)
     num_samples, num_prototypes = L.shape[0] * world, L.shape[1]
     log_b, log_p = math.log(num_samples), math.log(num_prototypes)
@@ -327,5 +330,9 @@ class SwaVQueue(nn.Module):
             raise ValueError(f"got {len(projections)} projection batches for {len(self.queues)} queues")
         for i, (q, z) in enumerate(zip(self.queues, projections)):
             check_matrix(z, f"projections[{i}]", q.dim)
+        # All or nothing: a NaN/Inf in any crop poisons every crop's batch (× NaN instead of × 1, on the
+        # device, no sync), so every queue refuses its write — not only the queues from the bad crop on.
+        ok = torch.stack([torch.isfinite(z).all() for z in projections]).all()
+        factor = torch.where(ok, 1.0, float("nan"))
         for q, z in zip(self.queues, projections):
-            q.enqueue(z.detach())
+            q.enqueue(z.detach() * factor.to(z.dtype))
