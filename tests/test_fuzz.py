@@ -732,7 +732,7 @@ POISONABLE = {
     "mocov3_loss": ("a", "b"),
     "cmc_loss": ("views",),
     "MemoryBankHead": ("f",),
-    "dino_loss": ("hs", "ht", "W", "Wt"),
+    "dino_loss": ("hs", "ht", "W", "Wt", "c"),
     "DINOLoss": ("t", "s"),
     "sinkhorn": ("s",),
     "byol_loss": ("p", "z"),
@@ -789,7 +789,7 @@ def test_nonfinite_input_never_gives_a_finite_loss(name, backend):
         x = poison(op.make(case), key, pick, value)
         hypothesis.assume(x is not None)
         how = nonfinite_shows(op, x, backend)
-        assert how, f"{name}/{backend}: a {value} in {key} gave finite outputs ({case}, pick {pick})"
+        assert how in ("raised", "loss"), f"{name}/{backend}: a {value} in {key} gave a finite loss ({case}, pick {pick})"
 
     prop()
 
