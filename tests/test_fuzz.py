@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -254,7 +254,8 @@ def _pair_op(fn_ours, fn_official, grad_b: bool):
         return grads_of(lambda a, b: fn_ours(a, b, x["T"], backend), [x["a"], x["b"]], None, [True, grad_b])
 
     def oracle_(x):
-        return grads_of(lambda a, b: fn_official(a, b, x["T"]), [x["a"].double(), x["b"].double()], None, [True, grad_b])
+        a, b = x["a"].double(), x["b"].double()
+        return grads_of(lambda a, b: fn_official(a, b, x["T"]), [a, b], None, [True, grad_b])
 
     def official(x):
         return grads_of(lambda a, b: fn_official(a, b, x["T"]), [x["a"], x["b"]], None, [True, grad_b])
@@ -709,9 +710,7 @@ def test_matches_float64(name, backend):
     if backend == "triton" and backends.unavailable_reason("triton") is not None:
         pytest.skip("triton is not available")
 
-    @settings(
-        max_examples=EXAMPLES[backend], deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
-    )
+    @settings(max_examples=EXAMPLES[backend], deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(case=cases(op, backend))
     def prop(case):
         why = op.supported(backend, case)
@@ -755,7 +754,7 @@ def poison(inputs: dict, key: str, pick: int, value: float) -> dict:
 
 
 def nonfinite_shows(op: Op, x: dict, backend: str) -> str:
-    """"raised" / "loss" / "gradient" / "" (nothing: the property fails) for a poisoned input."""
+    """ "raised" / "loss" / "gradient" / "" (nothing: the property fails) for a poisoned input."""
     try:
         outs = op.run(x, backend)
     except (ValueError, RuntimeError) as e:  # NonFinite*Error are ValueErrors
@@ -789,7 +788,7 @@ def test_nonfinite_input_never_gives_a_finite_loss(name, backend):
         x = poison(op.make(case), key, pick, value)
         hypothesis.assume(x is not None)
         how = nonfinite_shows(op, x, backend)
-        assert how in ("raised", "loss"), f"{name}/{backend}: a {value} in {key} gave a finite loss ({case}, pick {pick})"
+        assert how in ("raised", "loss"), f"{name}/{backend}: a {value} in {key} gave a finite loss ({case}, {pick})"
 
     prop()
 

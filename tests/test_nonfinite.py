@@ -170,7 +170,7 @@ def test_momentum_update_propagates_elementwise(backend, device, value):
 
 @pytest.fixture(params=["cpu", "device"])
 def code_path(request, monkeypatch):
-    """"cpu": the flag is read at once; "device": the GPU's sync-free path (the refusal lands later)."""
+    """ "cpu": the flag is read at once; "device": the GPU's sync-free path (the refusal lands later)."""
     if request.param == "device":
         import moco_fast.queue as queue_module
 
