@@ -129,6 +129,7 @@ class Op:
     scale: Callable[[dict], float] | None = None  # the logit bound S of the atol (None: no atol)
     grad_scale: Callable[[dict], float] | None = None  # the gradients' (default S/T)
     flag_means: str = ""  # what Case.flag switches (documentation)
+    normalizes: bool = False  # normalizes its inputs in their dtype (the logits carry a 16-bit rounding)
 
     def backends(self) -> tuple[str, ...]:
         return BACKENDS if self.contract_op is not None else ("torch",)
@@ -507,7 +508,9 @@ def _byol_official_fn(p, z):
 
 
 def _byol_oracle(x):
-    return grads_of(_byol_official_fn, [x["p"].double(), x["z"].double()], x["w"], [True, False])
+    # ‖p̂ − ẑ‖² in float64 (2 − 2·cos cancels even in float64: an absolute 2e-16 at cos = 1)
+    fn = lambda p, z: (F.normalize(p, dim=1) - F.normalize(z, dim=1)).square().sum(dim=1)  # noqa: E731
+    return grads_of(fn, [x["p"].double(), x["z"].double()], x["w"], [True, False])
 
 
 def _byol_official(x):
@@ -594,12 +597,12 @@ OPS = {
         Op("contrastive_cross_entropy", _cce_make, _cce_run, _cce_oracle, _cce_official, "contrast", _sizes(), 2,
            scale=_scale_qk("q"), flag_means="exclude"),
         Op("nt_xent", _pair_make, *_ntx, "contrast", _sizes(), 2, scale=_scale_qk("a", "b")),
-        Op("mocov3_loss", _pair_make, *_v3, "contrast", _sizes(), 2, scale=_scale_qk("a")),
+        Op("mocov3_loss", _pair_make, *_v3, "contrast", _sizes(), 2, scale=_scale_qk("a"), normalizes=True),
         Op("cmc_loss", _cmc_make, _cmc_run, _cmc_oracle, _cmc_official, "contrast",
            _sizes(keys=(2, 3)), 2, scale=lambda x: len(x["views"]) * _scale_qk("views")(
                {"views": torch.cat(x["views"]), "T": x["T"]})),
         Op("MemoryBankHead", _bank_make, _bank_run, _bank_oracle, _bank_official, "contrast", _sizes(keys=(1, 13)), 2,
-           scale=_bank_scale, flag_means="sampled negatives"),
+           scale=_bank_scale, flag_means="sampled negatives", normalizes=True),
         Op("dino_loss", _dino_make, _dino_run, lambda x: _dino_formulation(x, lambda t: t.double()),
            lambda x: _dino_formulation(x, lambda t: t), "dino_loss", _sizes(keys=(1, 13)), 2,
            scale=_dino_scale, flag_means="3 student views"),
@@ -663,7 +666,9 @@ def check_case(op: Op, case: Case, backend: str) -> None:
             assert oracle.close_1ulp(outs[0], refs[0].to(outs[0].dtype)), f"queue rows differ: {case}"
             continue
         dtype = max(case.dtypes, key=lambda d: EPS[d])
-        bound = rtol * float(r.double().norm()) + op.atol(inputs, dtype if backend == "triton" else F32, i > 0)
+        bound = rtol * float(r.double().norm()) + op.atol(
+            inputs, dtype if backend == "triton" or op.normalizes else F32, i > 0
+        )
         bound += math.sqrt(outs[i].numel()) * TINY[outs[i].dtype]
         assert err <= bound, (
             f"{op.name}/{backend} output {i}: ||out-ref|| = {err:.3e} > {bound:.3e} "
@@ -692,7 +697,7 @@ def cases(op: Op, backend: str) -> st.SearchStrategy:
     )
 
 
-EXAMPLES = {"torch": 20, "reference": 12, "triton": 4}
+EXAMPLES = {"torch": 60, "reference": 30, "triton": 10}
 PARAMS = [(name, be) for name, op in OPS.items() for be in op.backends()]
 
 
@@ -801,7 +806,7 @@ def _state(obj) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     size=st.integers(1, 9),
     dim=st.integers(1, 9),
