@@ -51,6 +51,16 @@ def stats_from_rank(rank: Tensor, lse: Tensor) -> InfoNCEStats:
     return InfoNCEStats(acc1=(rank < 1).float().mean(), acc5=(rank < 5).float().mean(), rank=rank, lse=lse.detach())
 
 
+def nonfinite_rows(loss: Tensor, rows: Tensor) -> Tensor:
+    """``loss`` (B,) with NaN where row i of ``rows`` (B, d) — the forward's delta / dloss_dq — is not finite.
+
+    A key with a NaN/Inf component whose logit is −inf (the sign of q's component) has probability 0: the
+    loss would be finite while delta = Σ p_j·(n_j − k) holds 0·inf = NaN. This makes such a poisoned input
+    show in the loss itself (on the device, O(B·d), no sync); the loss's gradient is unchanged.
+    """
+    return torch.where(torch.isfinite(rows).all(dim=1), loss, torch.full_like(loss, float("nan")))
+
+
 def check_info_nce_inputs(q: object, k: object, negatives: object) -> None:
     """q, k (B, d) and negatives (K, d): floating, 2-D, B ≥ 1, one device; else an error naming the argument."""
     check_matrix(q, "q")
@@ -96,8 +106,8 @@ def info_nce(
     temperature = check_temperature(temperature)
     check_reduction(reduction)
     impl = backends.select("info_nce", backend, q.device, (q.dtype, k.dtype, negatives.dtype), q.shape[1])
-    loss, lse, _, rank = ops.info_nce_forward(q, k, negatives, 1.0 / temperature, impl, return_stats)
-    loss = reduce(loss, reduction)
+    loss, lse, delta, rank = ops.info_nce_forward(q, k, negatives, 1.0 / temperature, impl, return_stats)
+    loss = reduce(nonfinite_rows(loss, delta), reduction)
     if not return_stats:
         return loss
     return loss, stats_from_rank(rank, lse)
@@ -164,8 +174,8 @@ def contrast(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The core op on validated inputs: (per-row loss, lse, rank). Callers build target/exclude themselves."""
     impl = backends.select("contrast", backend, q.device, (q.dtype, keys.dtype), q.shape[1])
-    loss, lse, _, rank = ops.contrast_forward(q, keys, target, exclude, 1.0 / temperature, impl, need_rank)
-    return loss, lse, rank
+    loss, lse, dloss_dq, rank = ops.contrast_forward(q, keys, target, exclude, 1.0 / temperature, impl, need_rank)
+    return nonfinite_rows(loss, dloss_dq), lse, rank
 
 
 def _finish(loss: Tensor, lse: Tensor, rank: Tensor, reduction: str, return_stats: bool):
@@ -441,6 +451,7 @@ def dino_loss(
 
     Returns the fp32 scalar loss (fp64 for fp64 inputs).
     """
+    separate_teacher = teacher_prototypes is not None
     student, teacher, teacher_prototypes, center = check_dino_inputs(
         student, teacher, prototypes, center, teacher_prototypes
     )
@@ -463,4 +474,9 @@ def dino_loss(
         1.0 / t_temp,
         impl,
     )
-    return loss
+    # The teacher's prototypes and the center enter only the teacher logits: a +inf center entry (or a W_t
+    # row whose logit is −inf) gives that prototype probability 0 and a finite loss. Show it (no sync).
+    ok = torch.isfinite(center).all()
+    if separate_teacher:
+        ok = ok & torch.isfinite(teacher_prototypes).all()
+    return torch.where(ok, loss, torch.full_like(loss, float("nan")))

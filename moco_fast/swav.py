@@ -112,6 +112,9 @@ def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05, gather_
     world = _world(gather_distributed)
     ct = compute_dtype(scores)
     L = scores.to(ct) / epsilon  # (B, P), a fresh tensor: updated in place below
+    # A NaN/Inf score makes every code NaN (on the device, no sync): a −inf would otherwise be taken as a
+    # zero mass by the max-shifted sums below and could give finite codes from a poisoned input.
+    L += torch.where(torch.isfinite(L).all(), 0.0, float("nan")).to(ct)
     buf = torch.empty_like(L)
     num_samples, num_prototypes = L.shape[0] * world, L.shape[1]
     log_b, log_p = math.log(num_samples), math.log(num_prototypes)
@@ -346,13 +349,21 @@ class SwaVQueue(nn.Module):
             for slot, z in zip(self._pending, projections):
                 slot.append(z.detach().clone())
             return
-        for q, z in zip(self.queues, projections):
-            q.enqueue(z.detach())
+        self._enqueue_all_or_nothing([z.detach() for z in projections])
+
+    def _enqueue_all_or_nothing(self, batches: list) -> None:
+        # A NaN/Inf in any crop poisons every crop's batch (× NaN instead of × 1, on the device, no sync),
+        # so every queue refuses its write — not only the queues from the bad crop on.
+        ok = torch.stack([torch.isfinite(z).all() for z in batches]).all()
+        factor = torch.where(ok, 1.0, float("nan"))
+        for q, z in zip(self.queues, batches):
+            q.enqueue(z * factor.to(z.dtype))
 
     @contextlib.contextmanager
     def accumulate(self):
         """One optimizer step of micro-batches: the queues do not change inside the block; every
-        :meth:`enqueue` inside is appended once, in order, when it ends. Nothing is enqueued if it raises."""
+        :meth:`enqueue` inside is appended once, in order, when it ends (all or nothing across the crops,
+        as one enqueue). Nothing is enqueued if it raises."""
         if self._pending is not None:
             raise RuntimeError("SwaVQueue.accumulate() blocks do not nest")
         self._pending = [[] for _ in self.queues]
@@ -362,5 +373,4 @@ class SwaVQueue(nn.Module):
         finally:
             self._pending = None
         if pending[0]:
-            for q, slot in zip(self.queues, pending):
-                q.enqueue(torch.cat(slot))
+            self._enqueue_all_or_nothing([torch.cat(slot) for slot in pending])
