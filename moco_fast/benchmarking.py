@@ -3,7 +3,7 @@
 Used by ``python -m moco_fast.check`` and by every script in benchmarks/ (which keep only their rows,
 tables, JSON and command-line options). Needs torch alone (triton optionally, for ``do_bench``).
 
-Timing (DESIGN.md, "Testing and measuring"): the median of many repeats after warm-up, with
+Timing (docs/design.md, "Testing and measuring"): the median of many repeats after warm-up, with
 ``time.perf_counter`` on the CPU and CUDA events around each call on a GPU (or
 ``triton.testing.do_bench``'s median). Report ratios inside one run: these machines are noisy.
 
@@ -324,7 +324,7 @@ class GpuFloors:
 
 
 # (pattern on torch.cuda.get_device_name(), floors); the first match wins, so variants come first.
-# H200 and H100 SXM: DESIGN.md's 990 TFLOP/s bf16 dense; H200 4.8 TB/s.
+# H200 and H100 SXM: docs/design.md's 990 TFLOP/s bf16 dense; H200 4.8 TB/s.
 KNOWN_GPUS: tuple[tuple[str, GpuFloors], ...] = (
     (r"H200 NVL", GpuFloors("H200 NVL", 835.0, 418.0, 60.0, 4.8)),
     (r"H200", GpuFloors("H200 SXM", 990.0, 495.0, 67.0, 4.8)),

@@ -22,7 +22,7 @@ Three sections, printed as they run:
    (``--quick``: 256), K = 65536, d = 128, bf16 and fp32; the momentum update of ResNet-50's
    parameter set (161 tensors, 25.6 M fp32 values) with the single flat ``lerp_`` as the speed of
    light; the enqueue of 256 keys. Achieved TFLOP/s or GB/s and, on a GPU of
-   ``moco_fast.benchmarking.KNOWN_GPUS``, the fraction of the datasheet floor (DESIGN.md).
+   ``moco_fast.benchmarking.KNOWN_GPUS``, the fraction of the datasheet floor (docs/design.md, "Floors").
    Each InfoNCE row's loss is compared with the reference row's (a mismatch is a FAIL too).
 
 Errors are relative, in float64: ‖got − ref‖₂ / ‖scale‖₂. For the elementwise ops (momentum,

@@ -1,4 +1,4 @@
-"""Bad input gets a clear ValueError/TypeError that names the argument (DESIGN.md, "The ops")."""
+"""Bad input gets a clear ValueError/TypeError that names the argument (docs/design.md, "Op contracts")."""
 
 from __future__ import annotations
 
