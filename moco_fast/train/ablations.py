@@ -147,31 +147,42 @@ def run_dictionary(
     }
 
 
-def write_dictionary(result: dict, out: str, filename: str | None = None) -> None:
-    base = os.path.join(out, filename or "train_ablation_dictionary")
+def _write_table(result: dict, base: str, keys: list[str]) -> None:
+    """BASE.json (the whole result) and BASE.csv: one line per row, the ``keys`` columns then the kNN ones."""
     atomic_write_text(json.dumps(result, indent=2) + "\n", base + ".json")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", "K", "batch_size", "knn_mean", "knn_std", "knn_per_seed", "seconds_per_run"])
+    w.writerow([*keys, "knn_mean", "knn_std", "knn_per_seed", "seconds_per_run"])
     for r in result["rows"]:
-        w.writerow(
-            [
-                r["method"],
-                r["K"],
-                r["batch_size"],
-                f"{r['knn_mean']:.4f}",
-                f"{r['knn_std']:.4f}",
-                " ".join(f"{a:.4f}" for a in r["knn_per_seed"]),
-                f"{r['seconds_per_run']:.0f}",
-            ]
-        )
+        knn = [f"{r['knn_mean']:.4f}", f"{r['knn_std']:.4f}", " ".join(f"{a:.4f}" for a in r["knn_per_seed"])]
+        w.writerow([*(r[k] for k in keys), *knn, f"{r['seconds_per_run']:.0f}"])
     atomic_write_text(buf.getvalue(), base + ".csv")
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None without matplotlib (the tables are written anyway)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _baselines(ax, result: dict) -> None:
+    """The random-init and raw-pixel kNN as horizontal lines."""
+    for (label, key), style in zip((("random init", "knn_random_init"), ("raw pixels", "knn_raw_pixels")), (":", "--")):
+        if result["baselines"].get(key) is not None:
+            ax.axhline(result["baselines"][key], color="gray", ls=style, lw=1, label=label)
+
+
+def write_dictionary(result: dict, out: str, filename: str | None = None) -> None:
+    base = os.path.join(out, filename or "train_ablation_dictionary")
+    _write_table(result, base, ["method", "K", "batch_size"])
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
     for method, style in zip(DICTIONARY, ("s-", "^-", "o-")):
@@ -185,9 +196,7 @@ def write_dictionary(result: dict, out: str, filename: str | None = None) -> Non
                 capsize=3,
                 label=rows[0]["label"],
             )
-    for (label, key), ls in zip((("random init", "knn_random_init"), ("raw pixels", "knn_raw_pixels")), (":", "--")):
-        if result["baselines"].get(key) is not None:
-            ax.axhline(result["baselines"][key], color="gray", ls=ls, lw=1, label=label)
+    _baselines(ax, result)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K, negatives per query")
     ax.set_ylabel("held-out kNN top-1")
@@ -206,27 +215,9 @@ def write_dictionary(result: dict, out: str, filename: str | None = None) -> Non
 def write(result: dict, out: str, filename: str | None = None) -> None:
     name, field = result["study"], result["field"]
     base = os.path.join(out, filename or f"train_ablation_{name}")
-    atomic_write_text(json.dumps(result, indent=2) + "\n", base + ".json")
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([field, "knn_mean", "knn_std", "knn_per_seed", "seconds_per_run"])
-    for r in result["rows"]:
-        w.writerow(
-            [
-                r[field],
-                f"{r['knn_mean']:.4f}",
-                f"{r['knn_std']:.4f}",
-                " ".join(f"{a:.4f}" for a in r["knn_per_seed"]),
-                f"{r['seconds_per_run']:.0f}",
-            ]
-        )
-    atomic_write_text(buf.getvalue(), base + ".csv")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:
+    _write_table(result, base, [field])
+    plt = _pyplot()
+    if plt is None:
         return
     xs = [str(r[field]) for r in result["rows"]]
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
@@ -238,9 +229,7 @@ def write(result: dict, out: str, filename: str | None = None) -> None:
         capsize=3,
         label=f"MoCo, {result['epochs']} epochs",
     )
-    for (label, key), style in zip((("random init", "knn_random_init"), ("raw pixels", "knn_raw_pixels")), (":", "--")):
-        if result["baselines"].get(key) is not None:
-            ax.axhline(result["baselines"][key], color="gray", ls=style, lw=1, label=label)
+    _baselines(ax, result)
     ax.set_xticks(range(len(xs)), xs)
     ax.set_xlabel(field)
     ax.set_ylabel("held-out kNN top-1")
