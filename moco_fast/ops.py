@@ -31,16 +31,21 @@ def info_nce_forward(
     return module.infonce_forward(q.contiguous(), k.contiguous(), negatives.contiguous(), scale, need_rank=need_rank)
 
 
+def _fake_row_outputs(q: Tensor, ct: torch.dtype):
+    """Meta outputs of a forward with one (loss, lse, row vector, rank) per query row."""
+    rows = q.shape[0]
+    new = q.new_empty
+    return (
+        new((rows,), dtype=ct),
+        new((rows,), dtype=ct),
+        new((rows, q.shape[1]), dtype=ct),
+        new((rows,), dtype=torch.int64),
+    )
+
+
 @info_nce_forward.register_fake
 def _(q, k, negatives, scale, impl, need_rank=True):
-    ct = compute_dtype(q, k, negatives)
-    rows = q.shape[0]
-    return (
-        q.new_empty((rows,), dtype=ct),
-        q.new_empty((rows,), dtype=ct),
-        q.new_empty((rows, q.shape[1]), dtype=ct),
-        q.new_empty((rows,), dtype=torch.int64),
-    )
+    return _fake_row_outputs(q, compute_dtype(q, k, negatives))
 
 
 @torch.library.custom_op("moco_fast::info_nce_backward", mutates_args=())
@@ -123,14 +128,7 @@ def contrast_forward(
 
 @contrast_forward.register_fake
 def _(q, keys, target, exclude, scale, impl, need_rank=True):
-    ct = compute_dtype(q, keys)
-    rows = q.shape[0]
-    return (
-        q.new_empty((rows,), dtype=ct),
-        q.new_empty((rows,), dtype=ct),
-        q.new_empty((rows, q.shape[1]), dtype=ct),
-        q.new_empty((rows,), dtype=torch.int64),
-    )
+    return _fake_row_outputs(q, compute_dtype(q, keys))
 
 
 @torch.library.custom_op("moco_fast::contrast_backward_keys", mutates_args=())
