@@ -266,32 +266,16 @@ def main(argv=None) -> int:
     todo = cases(args)
     device = todo[0].device
     timing = timing_defaults(args, device.type == "cuda")
-    machine = common.machine_info(device)
-    print(
-        f"# bench_memory_bank on {machine.get('gpu', machine['cpu'])} ({device}), {torch.get_num_threads()} "
-        f"threads, load {machine['loadavg']}"
-    )
+    machine = common.announce("memory_bank", device)
     results = []
     for case in todo:
         results += run_case(case, loss_rows(), args, timing)
     losses = [r for r in results if not r["row"].startswith("update")]
-    print(table(losses, "naive", lambda r: f"{r['B']}/{r['N']}/{r['d']}/{r['dtype']}"))
+    text = table(losses, "naive", lambda r: f"{r['B']}/{r['N']}/{r['d']}/{r['dtype']}")
     for r in results:
         if r["row"].startswith("update"):
-            print(f"{r['row']:24s} B={r['B']} N={r['N']}: {mb.fmt_time(r.get('update_s'))}  {r['status']}")
-    machine["loadavg_end"] = list(os.getloadavg())
-    if args.json:
-        common.write_json(
-            args.json,
-            {
-                "benchmark": "memory_bank",
-                "machine": machine,
-                "timing": timing,
-                "argv": sys.argv[1:] if argv is None else list(argv),
-                "results": results,
-            },
-        )
-    return 0
+            text += f"\n{r['row']:24s} B={r['B']} N={r['N']}: {mb.fmt_time(r.get('update_s'))}  {r['status']}"
+    return common.finish("memory_bank", results, text, machine, timing, args, argv)
 
 
 if __name__ == "__main__":

@@ -464,29 +464,13 @@ def main(argv=None) -> int:
         if not args.backends or r.name in args.backends or r.name.strip("]").split("[")[-1] in args.backends
     ]
     timing = timing_defaults(args, device.type == "cuda")
-    machine = common.machine_info(device)
-    print(
-        f"# bench_ntxent on {machine.get('gpu', machine['cpu'])} ({device}), {torch.get_num_threads()} threads, "
-        f"load {machine['loadavg']}"
-    )
+    machine = common.announce("ntxent", device)
     results = []
     for case in todo:
         results += run_case(case, rows, args, timing)
-    print(table(results, "lightly", lambda r: f"{r['2N']}/{r['d']}/{r['dtype']}"))
-    print("rows:\n" + "\n".join(f"  {r['row']}: {r['note']}" for r in results[: len(rows)] if r.get("note")))
-    machine["loadavg_end"] = list(os.getloadavg())
-    if args.json:
-        common.write_json(
-            args.json,
-            {
-                "benchmark": "ntxent",
-                "machine": machine,
-                "timing": timing,
-                "argv": sys.argv[1:] if argv is None else list(argv),
-                "results": results,
-            },
-        )
-    return 0
+    text = table(results, "lightly", lambda r: f"{r['2N']}/{r['d']}/{r['dtype']}")
+    text += "\nrows:\n" + "\n".join(f"  {r['row']}: {r['note']}" for r in results[: len(rows)] if r.get("note"))
+    return common.finish("ntxent", results, text, machine, timing, args, argv)
 
 
 if __name__ == "__main__":

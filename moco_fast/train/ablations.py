@@ -34,36 +34,33 @@ STUDIES = {
 }
 
 
+def _over_seeds(cfg: dict, seeds: list[int], epochs: int, out: str, label: str) -> tuple[dict, dict]:
+    """Train ``cfg`` (a config dict) once per seed for ``epochs`` (kNN at the end only), each run in
+    ``out``_s<seed>; returns (the kNN columns of a table row, the last run's summary)."""
+    accs, times, summary = [], [], None
+    for seed in seeds:
+        run = {**cfg, "seed": seed, "epochs": epochs, "quiet": True, "plot": False, "knn_every": epochs}
+        t0 = time.perf_counter()
+        summary = train(resolve({**run, "out": f"{out}_s{seed}"}))
+        times.append(time.perf_counter() - t0)
+        accs.append(summary["final_knn"])
+        print(f"{label} seed={seed}: kNN {accs[-1]:.4f} ({times[-1]:.0f} s)", flush=True)
+    columns = {
+        "knn_mean": statistics.fmean(accs),
+        "knn_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "knn_per_seed": accs,
+        "seconds_per_run": statistics.fmean(times),
+    }
+    return columns, summary
+
+
 def run_study(name: str, values: list, seeds: list[int], epochs: int, runs_dir: str, extra: dict) -> dict:
     field, _ = STUDIES[name]
     rows = []
     for value in values:
-        accs, times = [], []
-        for seed in seeds:
-            overrides = {
-                **extra,
-                field: value,
-                "seed": seed,
-                "epochs": epochs,
-                "quiet": True,
-                "plot": False,
-                "knn_every": epochs,
-                "out": os.path.join(runs_dir, f"{name}_{value}_s{seed}"),
-            }
-            t0 = time.perf_counter()
-            summary = train(resolve(overrides))
-            times.append(time.perf_counter() - t0)
-            accs.append(summary["final_knn"])
-            print(f"{field}={value} seed={seed}: kNN {summary['final_knn']:.4f} ({times[-1]:.0f} s)", flush=True)
-        rows.append(
-            {
-                field: value,
-                "knn_mean": statistics.fmean(accs),
-                "knn_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "knn_per_seed": accs,
-                "seconds_per_run": statistics.fmean(times),
-            }
-        )
+        out = os.path.join(runs_dir, f"{name}_{value}")
+        columns, summary = _over_seeds({**extra, field: value}, seeds, epochs, out, f"{field}={value}")
+        rows.append({field: value, **columns})
     return {
         "study": name,
         "field": field,
@@ -104,36 +101,11 @@ def run_dictionary(
         for k in ks:
             if method == "end-to-end" and k > END_TO_END_MAX_K:
                 continue
-            accs, times = [], []
-            for seed in seeds:
-                cfg = {
-                    "preset": preset,
-                    **overrides(k),
-                    **extra,
-                    "seed": seed,
-                    "epochs": epochs,
-                    "quiet": True,
-                    "plot": False,
-                    "knn_every": epochs,
-                    "out": os.path.join(runs_dir, f"dictionary_{method.replace(' ', '_')}_{k}_s{seed}"),
-                }
-                t0 = time.perf_counter()
-                summary = train(resolve(cfg))
-                times.append(time.perf_counter() - t0)
-                accs.append(summary["final_knn"])
-                print(f"{method} K={k} seed={seed}: kNN {accs[-1]:.4f} ({times[-1]:.0f} s)", flush=True)
-            rows.append(
-                {
-                    "method": method,
-                    "label": label,
-                    "K": k,
-                    "batch_size": overrides(k).get("batch_size", resolve({"preset": preset}).batch_size),
-                    "knn_mean": statistics.fmean(accs),
-                    "knn_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                    "knn_per_seed": accs,
-                    "seconds_per_run": statistics.fmean(times),
-                }
-            )
+            out = os.path.join(runs_dir, f"dictionary_{method.replace(' ', '_')}_{k}")
+            cfg = {"preset": preset, **overrides(k), **extra}
+            columns, summary = _over_seeds(cfg, seeds, epochs, out, f"{method} K={k}")
+            batch = overrides(k).get("batch_size", resolve({"preset": preset}).batch_size)
+            rows.append({"method": method, "label": label, "K": k, "batch_size": batch, **columns})
     return {
         "study": "dictionary",
         "field": "K",
@@ -273,14 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     field, default_values = STUDIES[args.study]
     cast = float if field == "momentum" else int
     values = [cast(v) for v in args.values.split(",")] if args.values else default_values
-    extra = {}
-    for item in args.set:
-        key, _, raw = item.partition("=")
-        try:
-            extra[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            extra[key] = raw
-    result = run_study(args.study, values, [int(s) for s in args.seeds.split(",")], args.epochs, args.runs_dir, extra)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    result = run_study(args.study, values, seeds, args.epochs, args.runs_dir, _parse_sets(args.set))
     write(result, args.out, args.name)
     for r in result["rows"]:
         print(f"{field}={r[field]}: kNN {r['knn_mean']:.4f} ± {r['knn_std']:.4f}")
