@@ -194,6 +194,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_gloo(rank: int, world: int, port: int, timeout_s: float) -> None:
+    """In a spawned worker: one intra-op thread, then join the gloo group on 127.0.0.1:port."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def run_ranks(worker, world: int, out_dir, timeout_s: float) -> list[dict]:
     """Spawn ``worker(rank, port, out_dir)`` on ``world`` processes (a fresh gloo port), fail the caller if
     they take over ``timeout_s`` (killing them), and load what each saved as ``out_dir/rank{r}.pt``."""

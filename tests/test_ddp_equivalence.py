@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import os
 import traceback
 from unittest import mock
@@ -31,7 +30,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_ranks
+from conftest import init_gloo, run_ranks
 from test_dicts_distributed import nt_xent_nograd_gather
 from torch import nn
 
@@ -281,10 +280,7 @@ def train(name: str, rows: slice, ddp: bool) -> dict:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     result: dict = {}
     try:
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-        torch.set_num_threads(1)
-        timeout = datetime.timedelta(seconds=TIMEOUT_S // 2)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timeout)
+        init_gloo(rank, WORLD, port, TIMEOUT_S // 2)
         mine = slice(rank * BATCH, (rank + 1) * BATCH)
         for name in CASES:
             try:

@@ -10,7 +10,6 @@ Each rank writes its results under tmp_path; the parent computes the 1-process r
 
 from __future__ import annotations
 
-import datetime
 import os
 import traceback
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_ranks
+from conftest import init_gloo, run_ranks
 from torch import nn
 
 import moco_fast
@@ -124,10 +123,7 @@ def train_steps(name, rank_slice, wrap=None):
 def _worker(rank: int, port: int, out_dir: str) -> None:
     result: dict = {"rank": rank}
     try:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
+        init_gloo(rank, WORLD, port, TIMEOUT_S // 2)
         mine = slice(rank * BATCH, (rank + 1) * BATCH)
         for name in CASES:
             result[name] = train_steps(name, mine, wrap=lambda m: nn.parallel.DistributedDataParallel(m))

@@ -6,14 +6,13 @@ Timeouts everywhere (process group, join) so a hang fails the test instead of bl
 
 from __future__ import annotations
 
-import datetime
 import os
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import run_ranks
+from conftest import init_gloo, run_ranks
 
 from moco_fast import KeyQueue, batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather
 from moco_fast.distributed import is_distributed
@@ -33,10 +32,7 @@ def rank_keys(rank: int, step: int, batch: int) -> torch.Tensor:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     result: dict = {"rank": rank}
     try:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
+        init_gloo(rank, WORLD, port, TIMEOUT_S // 2)
         result["is_distributed"] = is_distributed()
 
         # KeyQueue with gather_distributed=True: every rank ends with the same queue

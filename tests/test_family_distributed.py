@@ -7,7 +7,6 @@ it computed; the parent compares with the single-process result on the whole bat
 
 from __future__ import annotations
 
-import datetime
 import os
 import traceback
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_ranks
+from conftest import init_gloo, run_ranks
 
 WORLD = 2
 B, P, D = 6, 40, 8  # per-rank batch, prototypes, bottleneck
@@ -63,9 +62,7 @@ def _compute(rank: int | None):
 def _worker(rank: int, port: int, out_dir: str) -> None:
     result: dict = {"rank": rank}
     try:
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
+        init_gloo(rank, WORLD, port, TIMEOUT_S // 2)
         import moco_fast.swav as swav_module
 
         calls = {"all_gather": 0, "all_reduce": 0}
