@@ -189,7 +189,7 @@ def test_tiny_run_writes_logs(tmp_path):
 @pytest.mark.parametrize("method", ["simclr", "mocov3", "instdisc"])
 def test_dictionary_presets_run_tiny(tmp_path, method):
     cfg = tiny(tmp_path, method, method=method, epochs=1, hidden_dim=16)
-    assert cfg.preset == f"{method}_mnist" and cfg.method == method
+    assert cfg.preset == f"{method}-mnist" and cfg.method == method
     summary = train(cfg)
     assert summary["finished"] and summary["global_step"] == 6
     row = summary["history"][-1]

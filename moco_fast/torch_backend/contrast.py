@@ -47,8 +47,9 @@ def _columns(index: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor,
     return col.clamp(0, width - 1).unsqueeze(1), inside.unsqueeze(1)
 
 
-def _set_where(tile: torch.Tensor, col: torch.Tensor, inside: torch.Tensor, value: float) -> None:
-    """tile[r, col[r]] = value where inside[r] (one element per row; rows outside are rewritten unchanged)."""
+def _set_where(tile: torch.Tensor, col: torch.Tensor, inside: torch.Tensor, value) -> None:
+    """tile[r, col[r]] = value (a float, or (rows, 1) per row) where inside[r] (one element per row; rows
+    outside are rewritten unchanged)."""
     tile.scatter_(1, col, torch.where(inside, value, tile.gather(1, col)))
 
 
@@ -163,6 +164,9 @@ def contrast_backward_keys(
     qs = qf * scale
     weighted = qf * (grad.to(ct) * scale)[:, None]
     lse = lse.to(ct)
+    # The target's P − 1 from its logit as the forward formed it (lse = pos + loss): expm1(pos − lse) is
+    # −(1 − p_t) without the rounding of a recomputed dot, and exactly 0 when the target is the only key.
+    target_term = torch.expm1((qs * keys.index_select(0, target).to(ct)).sum(dim=1) - lse)[:, None]
     dk = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)
     tile = torch.empty(min(block_m, rows), min(block_n, num_keys), dtype=ct, device=q.device)
     for c0 in range(0, num_keys, block_n):
@@ -176,8 +180,7 @@ def contrast_backward_keys(
             probs.sub_(lse[r0:r1, None]).exp_()
             if exclude is not None:
                 _set_where(probs, *_columns(exclude[r0:r1], c0, width), 0.0)
-            tcol, tin = _columns(target[r0:r1], c0, width)
-            probs.scatter_add_(1, tcol, -tin.to(ct))  # P − onehot(target), in the tile
+            _set_where(probs, *_columns(target[r0:r1], c0, width), target_term[r0:r1])  # P − onehot(target)
             acc.addmm_(probs.T, weighted[r0:r1])
         dk[c0 : c0 + width] = acc.to(keys.dtype)
     return dk

@@ -410,7 +410,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "torch-contrast-keys-grad-without-target-indicator",
         "moco_fast/torch_backend/contrast.py",
-        "            probs.scatter_add_(1, tcol, -tin.to(ct))  # P − onehot(target), in the tile",
+        "            _set_where(probs, *_columns(target[r0:r1], c0, width), target_term[r0:r1])  # P − onehot(target)",
         "            pass",
         (CONTRAST, "-k", "nt_xent_matches_float64"),
     ),
