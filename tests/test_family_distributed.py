@@ -93,12 +93,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    ranks = run_ranks(_worker, WORLD, tmp_path_factory.mktemp("family_ddp"), TIMEOUT_S)
-    for rank, r in enumerate(ranks):
-        assert r["ok"], f"rank {rank} failed:\n{r.get('error')}"
-    return ranks
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("family_ddp"), TIMEOUT_S)
 
 
 def test_sinkhorn_two_ranks_equal_one_process(results):
