@@ -60,6 +60,25 @@ def train_dependency(name: str):
     return pytest.importorskip(name, reason=f"needs {name} (pip install -e '.[train]')")
 
 
+def peer(name: str):
+    """Import module ``name`` of a peer library (lightly: the parity oracle); skip the caller if it is
+    missing, unless CI requires it (MOCO_FAST_REQUIRE_TRAIN_DEPS=1; the test extra installs it)."""
+    if REQUIRE_TRAIN_DEPS:
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"needs {name} (pip install -e '.[test]')")
+
+
+class LazyPeer:
+    """A peer module imported at first attribute access, so only the tests that use it skip without it
+    (a module-level importorskip would skip the whole file)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(peer(self._name), attr)
+
+
 @functools.cache
 def backend_status(name: str) -> tuple[str | None, bool]:
     """(None, _) when backend ``name`` can run tests here, else (why not, whether CI expects it to)."""

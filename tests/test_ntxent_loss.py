@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import LazyPeer
 
 import moco_fast
 
-lightly_loss = pytest.importorskip("lightly.loss")
+lightly_loss = LazyPeer("lightly.loss")  # only the tests that use it skip without lightly
 
 
 def steps(ours, theirs, batch, dim, count, *, dtype=torch.float32):
