@@ -1,4 +1,4 @@
-"""Pieces the BYOL, SwAV and DINO methods share: the encoder with its projection head, the step counter."""
+"""Pieces the BYOL, SwAV and DINO methods share: the step counter, multi-crop forwards by resolution."""
 
 from __future__ import annotations
 
@@ -6,20 +6,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-
-from ...momentum import MomentumEncoder
-from ..config import TrainConfig
-from ..models import encoder_factory
-
-
-def encoder_with_head(cfg: TrainConfig, in_channels: int, head: Callable[[int], nn.Module]) -> nn.Module:
-    """The trainer's encoder (``cfg.model``) whose ``fc`` is replaced by ``head(feature_dim)``.
-
-    The kNN monitor reads the representation before ``fc`` (``models.backbone_features``), as for MoCo.
-    """
-    encoder = encoder_factory(cfg.model, in_channels, cfg.width)(num_classes=cfg.dim)
-    encoder.fc = head(encoder.fc.in_features)
-    return encoder
 
 
 def by_resolution(views: list[Tensor]) -> list[list[int]]:
@@ -58,15 +44,3 @@ class StepCounter(nn.Module):
 
     def set_extra_state(self, state) -> None:
         self.step = int(state["step"])
-
-
-def momentum_target(cfg: TrainConfig, online: nn.Module, total_steps: int) -> MomentumEncoder:
-    """The momentum copy of ``online`` (BYOL's target, DINO's teacher): --momentum, cosine to --final-momentum."""
-    return MomentumEncoder(
-        online,
-        cfg.momentum,
-        schedule="cosine" if cfg.momentum_schedule == "cosine" else None,
-        final_momentum=cfg.final_momentum,
-        total_steps=total_steps,
-        backend=cfg.backend,
-    )

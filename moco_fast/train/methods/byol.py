@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ...byol import BYOLLoss, BYOLPredictionHead, BYOLProjectionHead
 from ..config import TrainConfig
 from . import Method
-from ._family import encoder_with_head, momentum_target
+from .projection import encoder_with_head, momentum_target
 
 
 class BYOLModel(nn.Module):

@@ -17,7 +17,8 @@ from ...dino import DINOHead, DINOLoss
 from ..config import TrainConfig
 from ..models import backbone_features
 from . import Method
-from ._family import StepCounter, encoder_with_head, forward_views, momentum_target
+from ._family import StepCounter, forward_views
+from .projection import encoder_with_head, momentum_target
 
 
 class DINOModel(StepCounter):

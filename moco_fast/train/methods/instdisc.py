@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ...memory_bank import MemoryBankHead
 from ..config import ConfigError, TrainConfig
 from . import Method
-from .projection import encoder_with_head
+from .projection import encoder_with_head, mlp
 
 
 class InstDiscModel(nn.Module):
@@ -29,8 +29,8 @@ class InstDiscModel(nn.Module):
 
 
 def build(cfg: TrainConfig, in_channels: int, total_steps: int, *, num_samples: int) -> InstDiscModel:
-    head_dims = [cfg.hidden_dim or 512, cfg.dim] if cfg.mlp else None
-    encoder = encoder_with_head(cfg, in_channels, head_dims, bn=cfg.mlp_bn)
+    head = (lambda features: mlp([features, cfg.hidden_dim or 512, cfg.dim], bn=cfg.mlp_bn)) if cfg.mlp else None
+    encoder = encoder_with_head(cfg, in_channels, head)
     head = MemoryBankHead(
         num_samples,
         cfg.dim,

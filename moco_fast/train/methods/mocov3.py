@@ -14,7 +14,7 @@ from ...functional import mocov3_loss
 from ...momentum import MomentumEncoder
 from ..config import TrainConfig
 from . import Method
-from .projection import encoder_with_head, mlp
+from .projection import encoder_with_head, mlp, momentum_target
 
 
 class MoCoV3Model(nn.Module):
@@ -48,16 +48,9 @@ class MoCoV3Model(nn.Module):
 
 def build(cfg: TrainConfig, in_channels: int, total_steps: int) -> MoCoV3Model:
     hidden = cfg.hidden_dim or 512
-    encoder = encoder_with_head(cfg, in_channels, [hidden, cfg.dim], bn=True, last_bn=True)
+    encoder = encoder_with_head(cfg, in_channels, lambda features: mlp([features, hidden, cfg.dim], last_bn=True))
     predictor = mlp([cfg.dim, hidden, cfg.dim], bn=True, last_bn=False)
-    momentum_encoder = MomentumEncoder(
-        encoder,
-        cfg.momentum,
-        schedule="cosine" if cfg.momentum_schedule == "cosine" else None,
-        final_momentum=cfg.final_momentum,
-        total_steps=total_steps,
-        backend=cfg.backend,
-    )
+    momentum_encoder = momentum_target(cfg, encoder, total_steps)
     return MoCoV3Model(encoder, predictor, momentum_encoder, cfg.temperature, cfg.backend)
 
 

@@ -1,4 +1,4 @@
-"""Projection and prediction MLPs for the methods on top of the trainer's encoders (SimCLR, MoCo v3, InstDisc).
+"""Heads for the methods on top of the trainer's encoders: MLPs, the encoder with its head, the momentum copy.
 
 Every trainer encoder ends in a Linear named ``fc`` (``moco_fast.train.models``): a method swaps ``fc``
 for its head, so the kNN monitor (:func:`moco_fast.train.models.backbone_features`) still reads the
@@ -7,8 +7,11 @@ representation before it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
+from ...momentum import MomentumEncoder
 from ..models import encoder_factory
 
 
@@ -28,9 +31,23 @@ def mlp(dims: list[int], *, bn: bool = True, last_bn: bool = False) -> nn.Sequen
     return nn.Sequential(*layers)
 
 
-def encoder_with_head(cfg, in_channels: int, head_dims: list[int] | None, **mlp_kw) -> nn.Module:
-    """The configured encoder with ``fc`` replaced by ``mlp([features] + head_dims)`` (None: a linear fc to cfg.dim)."""
+def encoder_with_head(cfg, in_channels: int, head: Callable[[int], nn.Module] | None = None) -> nn.Module:
+    """The configured encoder (``cfg.model``) with ``fc`` replaced by ``head(feature width)`` (None: its linear
+    fc to cfg.dim). The kNN monitor reads the representation before ``fc`` (``models.backbone_features``)."""
     encoder = encoder_factory(cfg.model, in_channels, cfg.width)(num_classes=cfg.dim)
-    if head_dims is not None:
-        encoder.fc = mlp([encoder.fc.in_features, *head_dims], **mlp_kw)
+    if head is not None:
+        encoder.fc = head(encoder.fc.in_features)
     return encoder
+
+
+def momentum_target(cfg, online: nn.Module, total_steps: int) -> MomentumEncoder:
+    """The momentum copy of ``online`` (MoCo v3's key encoder, BYOL's target, DINO's teacher): --momentum,
+    cosine to --final-momentum with --momentum-schedule cosine."""
+    return MomentumEncoder(
+        online,
+        cfg.momentum,
+        schedule="cosine" if cfg.momentum_schedule == "cosine" else None,
+        final_momentum=cfg.final_momentum,
+        total_steps=total_steps,
+        backend=cfg.backend,
+    )

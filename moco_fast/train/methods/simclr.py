@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ...functional import nt_xent
 from ..config import TrainConfig
 from . import Method
-from .projection import encoder_with_head
+from .projection import encoder_with_head, mlp
 
 
 class SimCLRModel(nn.Module):
@@ -33,10 +33,10 @@ class SimCLRModel(nn.Module):
 
 
 def build(cfg: TrainConfig, in_channels: int, total_steps: int) -> SimCLRModel:
-    probe = encoder_with_head(cfg, in_channels, None)
+    probe = encoder_with_head(cfg, in_channels)  # its width; built first, as the seeds' results were measured
     hidden = cfg.hidden_dim or probe.fc.in_features
-    head = [hidden, cfg.dim] if cfg.mlp else None
-    return SimCLRModel(encoder_with_head(cfg, in_channels, head, bn=cfg.mlp_bn), cfg.temperature, cfg.backend)
+    head = (lambda features: mlp([features, hidden, cfg.dim], bn=cfg.mlp_bn)) if cfg.mlp else None
+    return SimCLRModel(encoder_with_head(cfg, in_channels, head), cfg.temperature, cfg.backend)
 
 
 METHOD = Method(

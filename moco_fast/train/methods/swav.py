@@ -16,7 +16,8 @@ from torch import Tensor
 from ...swav import SwaVLoss, SwaVPrototypes, SwaVQueue
 from ..config import ConfigError, TrainConfig
 from . import Method
-from ._family import StepCounter, encoder_with_head, forward_views
+from ._family import StepCounter, forward_views
+from .projection import encoder_with_head
 
 
 def _projector(features: int, hidden: int, dim: int) -> torch.nn.Module:
