@@ -58,7 +58,12 @@ def nonfinite_rows(loss: Tensor, rows: Tensor) -> Tensor:
     loss would be finite while delta = Σ p_j·(n_j − k) holds 0·inf = NaN. This makes such a poisoned input
     show in the loss itself (on the device, O(B·d), no sync); the loss's gradient is unchanged.
     """
-    return torch.where(torch.isfinite(rows).all(dim=1), loss, torch.full_like(loss, float("nan")))
+    return nan_unless(torch.isfinite(rows).all(dim=1), loss)
+
+
+def nan_unless(ok: Tensor, loss: Tensor) -> Tensor:
+    """``loss`` where ``ok`` (a bool tensor broadcasting to it), NaN elsewhere: on the device, no sync."""
+    return torch.where(ok, loss, torch.full_like(loss, float("nan")))
 
 
 def check_info_nce_inputs(q: object, k: object, negatives: object) -> None:
@@ -479,4 +484,4 @@ def dino_loss(
     ok = torch.isfinite(center).all()
     if separate_teacher:
         ok = ok & torch.isfinite(teacher_prototypes).all()
-    return torch.where(ok, loss, torch.full_like(loss, float("nan")))
+    return nan_unless(ok, loss)
